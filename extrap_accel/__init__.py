@@ -1,0 +1,29 @@
+"""extrap_accel: extrap-SGD and extrap-Adam (Lin, Kong, Stich, Jaggi, ICML 2020) for PyTorch.
+
+``import extrap_accel`` needs only torch; integrations import their libraries lazily.
+"""
+
+from .attach import AttachHandle, attach
+from .optim import (
+    ExtrapAdam,
+    ExtrapOptimizer,
+    ExtrapSGD,
+    create_optimizer,
+    get_optimizer_info,
+    list_optimizers,
+    register_optimizer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttachHandle",
+    "ExtrapAdam",
+    "ExtrapOptimizer",
+    "ExtrapSGD",
+    "attach",
+    "create_optimizer",
+    "get_optimizer_info",
+    "list_optimizers",
+    "register_optimizer",
+]

@@ -1,0 +1,157 @@
+"""``attach(model, optimizer)``: make a model anchor-safe.
+
+Once attached, a forward with gradients disabled (``torch.no_grad`` / ``inference_mode``) runs
+at the anchor, ``model.state_dict()`` holds the anchor, and ``model.load_state_dict`` moves
+the anchor (keeping this worker's displacement x̃ − x). Training forwards still run at x̃,
+also in ``model.eval()`` mode (frozen BatchNorm): the signal is grad mode, not module mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .optim.base import ExtrapOptimizer
+
+_HANDLE_ATTR = "_extrap_accel_handle"
+
+
+class AttachHandle:
+    """The hooks ``attach`` installed; ``remove()`` takes them off again."""
+
+    def __init__(self, module: nn.Module, optimizer: ExtrapOptimizer):
+        self.module = module
+        self.optimizer = optimizer
+        self._names: dict[Tensor, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            self._names.setdefault(p, []).append(name)
+        in_optimizer = {p for g in optimizer.param_groups for p in g["params"]}
+        self._names = {p: n for p, n in self._names.items() if p in in_optimizer}
+        if not self._names:
+            raise ValueError(
+                "attach(model, optimizer): none of the model's parameters is in the optimizer; "
+                "build the optimizer from model.parameters() of this model"
+            )
+        self._swapped: list[tuple[Tensor, Tensor]] | None = None
+        self._depth = 0
+        self._handles = [
+            module.register_forward_pre_hook(self._pre_forward),
+            module.register_forward_hook(self._post_forward, always_call=True),
+            module.register_state_dict_post_hook(self._state_dict_hook),
+            module.register_load_state_dict_pre_hook(self._load_hook),
+        ]
+        setattr(module, _HANDLE_ATTR, self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if getattr(self.module, _HANDLE_ATTR, None) is self:
+            delattr(self.module, _HANDLE_ATTR)
+
+    def _displaced(self) -> list[tuple[Tensor, Tensor]]:
+        return [(p, a) for p, a in self.optimizer.displaced() if p in self._names]
+
+    # A no-grad forward sees the anchor: swap tensor pointers (no copy, values untouched) and
+    # swap back after the forward, even if it raises. Nothing an autograd graph saved changes.
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self._swapped is not None:
+            self._depth += 1
+            return
+        if torch.is_grad_enabled():
+            return
+        pairs = self._displaced()
+        if not pairs:
+            return
+        self._swapped = [(p, p.data) for p, _ in pairs]
+        for p, anchor in pairs:
+            p.data = anchor
+        self._depth = 1
+
+    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._swapped is None:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        for p, data in self._swapped:
+            p.data = data
+        self._swapped = None
+
+    def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
+        for p, anchor in self._displaced():
+            for name in self._names[p]:
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = anchor.detach()
+
+    @torch.no_grad()
+    def _load_hook(self, module, state_dict, prefix, local_metadata, strict, *args) -> None:
+        if local_metadata.get("assign_to_params_buffers"):
+            raise RuntimeError(
+                "load_state_dict(assign=True) replaces the parameters that the extrap_accel "
+                "optimizer holds; load with assign=False (the default) into an attached model"
+            )
+        train = self.optimizer.training
+        for p, names in self._names.items():
+            state = self.optimizer.state.get(p)
+            if not state or not ("anchor" in state or "extrapolated" in state):
+                continue
+            keys = [prefix + n for n in names if prefix + n in state_dict]
+            if not keys:
+                continue
+            value = state_dict[keys[0]]
+            if not isinstance(value, Tensor) or value.shape != p.shape:
+                continue  # torch's own loading reports the mismatch
+            new_point = self.optimizer.set_anchor_(p, value)
+            if train:  # the parameter must hold x̃: load that instead of the anchor
+                for key in keys:
+                    state_dict[key] = new_point
+
+
+def attach(model: nn.Module, optimizer) -> AttachHandle:
+    """Make ``model`` anchor-safe for ``optimizer`` (an ExtrapSGD / ExtrapAdam).
+
+    ``model`` may be a plain module or wrapped in DistributedDataParallel; ``optimizer`` may be
+    wrapped by accelerate. Returns the handle (``handle.remove()`` undoes it).
+    """
+    module = _unwrap_module(model)
+    opt = _unwrap_optimizer(optimizer)
+    existing = getattr(module, _HANDLE_ATTR, None)
+    if existing is not None:
+        if existing.optimizer is opt:
+            return existing
+        raise RuntimeError(
+            "this model is already attached to another optimizer; call handle.remove() on the "
+            "first attach before attaching a new optimizer"
+        )
+    return AttachHandle(module, opt)
+
+
+def _unwrap_module(model: Any) -> nn.Module:
+    name = type(model).__name__
+    if name in ("FullyShardedDataParallel", "FSDPModule") or name.startswith("FSDP"):
+        raise NotImplementedError(
+            "extrap_accel does not support FSDP yet (each rank's x̃ would be sharded across "
+            "ranks); use DDP or DeepSpeed ZeRO-0/1/2"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() needs a torch.nn.Module, got {name}")
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+            model = getattr(model, "module", None) or model._orig_mod
+            continue
+        return model
+
+
+def _unwrap_optimizer(optimizer: Any) -> ExtrapOptimizer:
+    seen = optimizer
+    while not isinstance(seen, ExtrapOptimizer) and hasattr(seen, "optimizer"):
+        seen = seen.optimizer  # accelerate's AcceleratedOptimizer and similar wrappers
+    if not isinstance(seen, ExtrapOptimizer):
+        raise TypeError(
+            f"attach() needs an extrap_accel optimizer (ExtrapSGD, ExtrapAdam or "
+            f"create_optimizer('extrap_...')), got {type(optimizer).__name__}"
+        )
+    return seen

@@ -1,0 +1,244 @@
+"""extrap-Adam (Lin et al. 2020, Algorithm 3): AdamW at the anchor, gradients at x̃."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import ExtrapOptimizer, check_param_group_options
+from .sgd import _group_by_device_and_dtype
+
+__all__ = ["ExtrapAdam", "extrap_adam"]
+
+
+class ExtrapAdam(ExtrapOptimizer):
+    r"""AdamW (decoupled weight decay) whose gradients are taken at extrapolated points.
+
+    .. math::
+       \begin{aligned}
+         &\textbf{input}: \gamma_t \text{ (lr)}, \beta_1, \beta_2, \epsilon, \lambda
+            \text{ (weight\_decay)}, \tilde\gamma_t = c\,\gamma_t/K \text{ or extrap\_lr} \\
+         &\textbf{initialize}: m_0 = v_0 = \tilde m^k_0 = \tilde v^k_0 = 0,\; d^k_0 = 0 \\
+         &\textbf{for}\: t = 0, 1, \dots \textbf{ on worker } k: \\
+         &\quad \tilde x^k_t = x_t - \tilde\gamma_{t-1} d^k_t,\quad
+            g^k_t = \nabla f_{B^k_t}(\tilde x^k_t),\quad g_t = \tfrac1K\textstyle\sum_k g^k_t \\
+         &\quad m_{t+1} = \beta_1 m_t + (1-\beta_1) g_t,\;
+            v_{t+1} = \beta_2 v_t + (1-\beta_2) g_t^2 \\
+         &\quad x_{t+1} = x_t - \gamma_t\big(\hat m_{t+1}/(\sqrt{\hat v_{t+1}} + \epsilon)
+            + \lambda x_t\big) \qquad (\hat\cdot: \text{bias-corrected with } t+1) \\
+         &\quad \tilde m^k_{t+1} = \beta_1 \tilde m^k_t + (1-\beta_1) g^k_t,\;
+            \tilde v^k_{t+1} = \beta_2 \tilde v^k_t + (1-\beta_2) (g^k_t)^2 \\
+         &\quad d^k_{t+1} = \hat{\tilde m}^k_{t+1}/(\sqrt{\hat{\tilde v}^k_{t+1}} + \epsilon)
+            + \lambda x_{t+1} \\
+         &\textbf{return}\: x_t
+       \end{aligned}
+
+    ``extrap_scale = 0`` is exactly ``torch.optim.AdamW``. Each worker's local moments m̃, ṽ
+    use its own gradient, so the math is the same whatever backend shards the global moments.
+    For Adam, γ̃ = lr/K is rarely the right size: tune ``extrap_scale`` or give ``extrap_lr``.
+    """
+
+    _local_state_keys = ("extrap_exp_avg", "extrap_exp_avg_sq")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        extrap_scale: float = 1.0,
+        extrap_lr: float | None = None,
+        extrap_max_norm: float | None = None,
+        seed: int = 0,
+        world_size: int | None = None,
+        foreach: bool | None = None,
+    ):
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"Invalid betas: {betas!r} (two values in [0, 1))")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            extrap_scale=extrap_scale,
+            extrap_lr=extrap_lr,
+            extrap_max_norm=extrap_max_norm,
+            extrapolation="past",
+            foreach=foreach,
+        )
+        check_param_group_options(defaults, supports=("past",))
+        super().__init__(params, defaults, seed=seed, world_size=world_size)
+        for group in self.param_groups:
+            check_param_group_options(group, supports=("past",))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step at the anchor, then x̃ for the next forward into the parameters."""
+        self._check_train_mode()
+        self._resolve_world_size()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        coefs = self._local_clip_coef()
+        for i, group in enumerate(self.param_groups):
+            self._step_group(group, coefs.get(i, 1.0))
+        return loss
+
+    def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
+        params = self._params_with_grad(group)
+        if not params:
+            return
+        lists: dict[str, list[Tensor]] = {k: [] for k in _STATE_KEYS}
+        anchors, grads, local_grads = [], [], []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("ExtrapAdam does not support sparse gradients")
+            state = self.state[p]
+            anchors.append(self._ensure_anchor(p, state))
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=_scalar_dtype())
+                for key in _STATE_KEYS[1:]:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for key in _STATE_KEYS:
+                lists[key].append(state[key])
+            grads.append(p.grad)
+            local_grads.append(self._local_grad(p))
+        lr = float(group["lr"])
+        beta1, beta2 = group["betas"]
+        extrap_adam(
+            [p.data for p in params],
+            anchors,
+            grads,
+            local_grads,
+            *(lists[k] for k in _STATE_KEYS),
+            lr=lr,
+            extrap_lr=self._extrap_lr(group, lr),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            local_coef=local_coef,
+            foreach=group["foreach"],
+        )
+
+
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "extrap_exp_avg", "extrap_exp_avg_sq")
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def extrap_adam(
+    params: list[Tensor],
+    anchors: list[Tensor],
+    grads: list[Tensor],
+    local_grads: list[Tensor],
+    steps: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    extrap_exp_avgs: list[Tensor],
+    extrap_exp_avg_sqs: list[Tensor],
+    *,
+    lr: float,
+    extrap_lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    local_coef: float = 1.0,
+    foreach: bool | None = None,
+) -> None:
+    """Functional extrap-Adam step: see :class:`ExtrapAdam` for the math.
+
+    Updates ``anchors`` exactly as ``torch.optim.AdamW`` updates its parameters, then writes
+    x̃ = x − γ̃·d into ``params`` from this rank's ``local_grads`` (scaled by ``local_coef``).
+    """
+    kernel = _single_tensor_extrap_adam if foreach is False else _multi_tensor_extrap_adam
+    kernel(
+        params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs,
+        extrap_exp_avgs, extrap_exp_avg_sqs, lr=lr, extrap_lr=extrap_lr, beta1=beta1,
+        beta2=beta2, eps=eps, weight_decay=weight_decay, local_coef=local_coef,
+    )  # fmt: skip
+
+
+def _single_tensor_extrap_adam(
+    params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
+    extrap_exp_avg_sqs, *, lr, extrap_lr, beta1, beta2, eps, weight_decay, local_coef,
+):  # fmt: skip
+    for i, x in enumerate(anchors):
+        g, gk, m, v = grads[i], local_grads[i], exp_avgs[i], exp_avg_sqs[i]
+        # Base update at the anchor, in torch.optim.AdamW's order of operations (bitwise equal).
+        steps[i] += 1
+        if weight_decay != 0:
+            x.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step = steps[i].item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        x.addcdiv_(m, denom, value=-lr / bias_correction1)
+        # Local direction: d = m̃/bc1 / (√(ṽ/bc2) + ε) + λx_{t+1};  x̃ = x(1 − γ̃λ) − γ̃/bc1·m̃/denom.
+        if local_coef != 1.0:
+            gk = gk.mul(local_coef)
+        mk, vk = extrap_exp_avgs[i], extrap_exp_avg_sqs[i]
+        mk.lerp_(gk, 1 - beta1)
+        vk.mul_(beta2).addcmul_(gk, gk, value=1 - beta2)
+        p = params[i]
+        if extrap_lr == 0:
+            p.copy_(x)
+            continue
+        torch.mul(x, 1 - extrap_lr * weight_decay, out=p)
+        denom = (vk.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(mk, denom, value=-extrap_lr / bias_correction1)
+
+
+def _multi_tensor_extrap_adam(
+    params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
+    extrap_exp_avg_sqs, *, lr, extrap_lr, beta1, beta2, eps, weight_decay, local_coef,
+):  # fmt: skip
+    for idx in _group_by_device_and_dtype(anchors):
+        P, X, G = ([t[i] for i in idx] for t in (params, anchors, grads))
+        M, V, S = ([t[i] for i in idx] for t in (exp_avgs, exp_avg_sqs, steps))
+        # Base update at the anchor, in torch.optim.AdamW's foreach order (bitwise equal).
+        if S[0].is_cpu:
+            torch._foreach_add_(S, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(S, 1)
+        if weight_decay != 0:
+            torch._foreach_mul_(X, 1 - lr * weight_decay)
+        torch._foreach_lerp_(M, G, 1 - beta1)
+        torch._foreach_mul_(V, beta2)
+        torch._foreach_addcmul_(V, G, G, 1 - beta2)
+        bias_correction1 = [1 - beta1 ** s.item() for s in S]
+        bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in S]
+        step_size = [(lr / bc) * -1 for bc in bias_correction1]
+        denom = torch._foreach_sqrt(V)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(X, M, denom, step_size)
+        # Local direction: x̃ = x(1 − γ̃λ) − γ̃/bc1·m̃/(√(ṽ/bc2) + ε).
+        Gk = [local_grads[i] for i in idx]
+        if local_coef != 1.0:
+            Gk = torch._foreach_mul(Gk, local_coef)
+        Mk, Vk = [extrap_exp_avgs[i] for i in idx], [extrap_exp_avg_sqs[i] for i in idx]
+        torch._foreach_lerp_(Mk, Gk, 1 - beta1)
+        torch._foreach_mul_(Vk, beta2)
+        torch._foreach_addcmul_(Vk, Gk, Gk, 1 - beta2)
+        torch._foreach_copy_(P, X)
+        if extrap_lr == 0:
+            continue
+        if weight_decay != 0:
+            torch._foreach_mul_(P, 1 - extrap_lr * weight_decay)
+        denom = torch._foreach_sqrt(Vk)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(P, Mk, denom, [-extrap_lr / bc for bc in bias_correction1])
