@@ -39,7 +39,8 @@ class AttachHandle:
         self._handles = [
             module.register_forward_pre_hook(self._pre_forward),
             module.register_forward_hook(self._post_forward, always_call=True),
-            module.register_state_dict_post_hook(self._state_dict_hook),
+            # torch tags the hook function itself, which a bound method cannot take
+            module.register_state_dict_post_hook(lambda *a: self._state_dict_hook(*a)),
             module.register_load_state_dict_pre_hook(self._load_hook),
         ]
         setattr(module, _HANDLE_ATTR, self)
