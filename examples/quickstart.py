@@ -62,7 +62,7 @@ def main() -> None:
                 optimizer.zero_grad()
                 loss = loss_fn(model(x_train[idx]), y_train[idx])
                 loss.backward()
-                return loss
+                return loss.detach()
 
             total += float(optimizer.step(closure)) * len(idx)
         model.eval()

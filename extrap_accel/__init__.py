@@ -4,6 +4,8 @@
 """
 
 from .attach import AttachHandle, attach
+from .integrations.accelerate import prepare
+from .integrations.post_local_sgd import PostLocalSGD, enable_post_local_sgd
 from .optim import (
     ExtrapAdam,
     ExtrapOptimizer,
@@ -21,9 +23,12 @@ __all__ = [
     "ExtrapAdam",
     "ExtrapOptimizer",
     "ExtrapSGD",
+    "PostLocalSGD",
     "attach",
     "create_optimizer",
+    "enable_post_local_sgd",
     "get_optimizer_info",
     "list_optimizers",
+    "prepare",
     "register_optimizer",
 ]

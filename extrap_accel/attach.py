@@ -127,7 +127,10 @@ def attach(model: nn.Module, optimizer) -> AttachHandle:
             "this model is already attached to another optimizer; call handle.remove() on the "
             "first attach before attaching a new optimizer"
         )
-    return AttachHandle(module, opt)
+    handle = AttachHandle(module, opt)
+    if opt._initial_placement_pending:  # noise variants under a process group: x̃₀ now that
+        opt.place_initial_noise()  # the wrapper has broadcast rank 0's weights
+    return handle
 
 
 def _unwrap_module(model: Any) -> nn.Module:

@@ -80,8 +80,7 @@ class ExtrapAdam(ExtrapOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step at the anchor, then x̃ for the next forward into the parameters."""
-        self._check_train_mode()
-        self._resolve_world_size()
+        self._begin_step()
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _dist
+from ..capture import LocalGradCapture
 
 EXTRAPOLATIONS = ("past", "gaussian", "uniform", "stochastic", "fresh")
 NOISE_EXTRAPOLATIONS = ("gaussian", "uniform")
@@ -40,6 +41,9 @@ class ExtrapOptimizer(Optimizer):
             raise ValueError(f"seed must be an int, got {seed!r}")
         defaults = dict(defaults, train_mode=True)
         super().__init__(params, defaults)
+        self._init_extrap_attributes(seed=seed, world_size=world_size)
+
+    def _init_extrap_attributes(self, *, seed: int = 0, world_size: int | None = None) -> None:
         self._requested_world_size = world_size
         self._world_size: int | None = None
         self._checkpoint_world_size: int | None = None
@@ -47,15 +51,36 @@ class ExtrapOptimizer(Optimizer):
         self._rank: int | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pending_generator_states: dict[str, Tensor] = {}
-        # Adapters (data parallelism) set this to a mapping param -> this rank's local gradient.
-        # Without one, the local gradient is ``p.grad`` (one process: gᵏ = g).
-        self.local_grads: dict[Tensor, Tensor] | None = None
+        self._pending_local_state: dict[str, Any] | None = None
+        self._grad_scaler = None
         self._warned_k1_stochastic = False
+        self._initial_placement_pending = False
+        # This rank's gradient before the all-reduce; without a process group gᵏ = p.grad.
+        self._capture = LocalGradCapture([p for g in self.param_groups for p in g["params"]])
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("train_mode", True)
+        if not hasattr(self, "_capture"):
+            self._init_extrap_attributes()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_capture"):  # not during __init__
+            self._capture = LocalGradCapture([p for g in self.param_groups for p in g["params"]])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._capture.reset()
+
+    def set_grad_scaler(self, scaler) -> None:
+        """Tell the optimizer which ``torch.amp.GradScaler`` scales the loss (fp16).
+
+        The local gradients are captured before the scaler unscales ``.grad``, so they are
+        divided by the scale the backward used. ``extrap_accel.prepare`` calls this for you.
+        """
+        self._grad_scaler = scaler
 
     # ------------------------------------------------------------------ K and rank
     @property
@@ -219,11 +244,53 @@ class ExtrapOptimizer(Optimizer):
         self._pending_generator_states.clear()
 
     def _local_grad(self, p: Tensor) -> Tensor:
-        if self.local_grads is not None:
-            g = self.local_grads.get(p)
+        if self._capture.active:
+            g = self._capture.get(p)
             if g is not None:
                 return g
         return p.grad
+
+    def local_grad(self, p: Tensor) -> Tensor | None:
+        """This rank's local gradient gᵏ of ``p`` as the next step will use it.
+
+        Under data parallelism: the captured pre-all-reduce gradient (still multiplied by the
+        fp16 loss scale before ``step``); with one process: ``p.grad``.
+        """
+        return self._local_grad(p)
+
+    @property
+    def captures_local_grads(self) -> bool:
+        """True once a backward ran under a process group of more than one rank."""
+        return bool(self._capture.active)
+
+    def _begin_step(self) -> None:
+        """Checks and bookkeeping shared by every step()."""
+        self._check_train_mode()
+        self._resolve_world_size()
+        self._initial_placement_pending = False
+        fresh = any(group["extrapolation"] == "fresh" for group in self.param_groups)
+        if fresh and (self._capture.active or _dist.world_size() > 1):
+            raise RuntimeError(
+                "extrapolation='fresh' is not supported under data parallelism (its extra "
+                "backward would be all-reduced); use 'past' (extrap-SGD) or run one process"
+            )
+        if not self._capture.active:
+            return
+        if self._grad_scaler is not None:
+            inv_scale = 1.0 / self._grad_scaler.get_scale()  # the scale of this step's backward
+            grads = [
+                self._capture.get(p) for g in self.param_groups for p in g["params"]
+            ]
+            grads = [g for g in grads if g is not None]
+            if grads:
+                torch._foreach_mul_(grads, inv_scale)
+        elif "step" in self.__dict__:  # accelerate patches step() while its GradScaler runs
+            raise RuntimeError(
+                "fp16 loss scaling is active (accelerate's GradScaler) but the extrap_accel "
+                "optimizer does not know the scale, so its local gradients would be scaled. "
+                "Use `model, optimizer, ... = extrap_accel.prepare(accelerator, model, "
+                "optimizer, ...)` or call optimizer.set_grad_scaler(accelerator.scaler)."
+            )
 
     def _local_clip_coef(self) -> dict[int, float | None]:
         """Per group: the factor that clips this rank's local gradient at ``extrap_max_norm``.
@@ -279,6 +346,63 @@ class ExtrapOptimizer(Optimizer):
         }
         return sd
 
+    def _param_index(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """This rank's own state: its x̃, its local moments and its noise generators.
+
+        Data-parallel frameworks save the optimizer from the main process only; save this on
+        every rank (``extrap_accel.prepare`` and ``attach(trainer)`` do) so that a resumed run
+        continues bit for bit on every rank.
+        """
+        state = {}
+        for idx, p in enumerate(self._param_index()):
+            entry = self.state.get(p)
+            if not entry or not ("anchor" in entry or "extrapolated" in entry):
+                continue
+            local = {k: entry[k] for k in self._local_state_keys if k in entry}
+            local["extrapolated"] = self.extrapolated(p)
+            state[idx] = local
+        return {
+            "format": 1,
+            "rank": self.rank,
+            "world_size": self._world_size or self._checkpoint_world_size,
+            "state": state,
+            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+        }
+
+    @torch.no_grad()
+    def load_local_state_dict(self, local: dict[str, Any]) -> None:
+        """Restore what ``local_state_dict`` saved on this rank (after ``load_state_dict``)."""
+        if local.get("rank") != self.rank:
+            raise ValueError(
+                f"this local extrapolation state belongs to rank {local.get('rank')}, not to "
+                f"rank {self.rank}: load each rank's own file"
+            )
+        params = self._param_index()
+        for idx, entry in local["state"].items():
+            p = params[int(idx)]
+            state = self.state[p]
+            for key in self._local_state_keys:
+                if key in entry:
+                    state[key] = entry[key].to(device=p.device, dtype=p.dtype, copy=True)
+            point = entry["extrapolated"].to(device=p.device, dtype=p.dtype)
+            if "anchor" in state:  # train mode: the parameter holds x̃
+                p.copy_(point)
+            elif "extrapolated" in state:
+                state["extrapolated"].copy_(point)
+            else:
+                raise ValueError(
+                    f"local state for parameter {idx} but the optimizer has no anchor for it: "
+                    "load the optimizer's state_dict first"
+                )
+        self._checkpoint_world_size = local.get("world_size")
+        self._generators.clear()
+        self._pending_generator_states = {
+            d: s.clone() for d, s in local.get("generators", {}).items()
+        }
+
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -312,12 +436,30 @@ class ExtrapOptimizer(Optimizer):
         self._pending_generator_states = {
             d: s.clone() for d, s in extra.get("generators", {}).items()
         }
+        pending, self._pending_local_state = self._pending_local_state, None
+        if pending is not None:  # set by a checkpoint hook that ran before this load
+            self.load_local_state_dict(pending)
 
     # ------------------------------------------------------------------ stepping
     def _first_noise_placement(self) -> None:
-        """Noise variants perturb from t = 0: place x̃₀ = x₀ + ξ₀ as soon as the optimizer exists."""
+        """Noise variants perturb from t = 0: place x̃₀ = x₀ + ξ₀ as soon as the optimizer exists.
+
+        Under a process group the model is usually wrapped (and its weights broadcast from
+        rank 0) after the optimizer is built, so the placement waits for ``attach``/``prepare``.
+        """
+        if not any(g["extrapolation"] in NOISE_EXTRAPOLATIONS for g in self.param_groups):
+            return
+        if _dist.is_initialized():
+            self._initial_placement_pending = True
+            return
+        self.place_initial_noise()
+
+    @torch.no_grad()
+    def place_initial_noise(self) -> None:
+        """x̃₀ = x₀ + ξ₀ for the noise variants, from the current parameters as x₀."""
         from .directions import place_noise_
 
+        self._initial_placement_pending = False
         for group in self.param_groups:
             if group["extrapolation"] in NOISE_EXTRAPOLATIONS:
                 params = [p for p in group["params"] if p.numel() > 0]

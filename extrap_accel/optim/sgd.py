@@ -103,8 +103,7 @@ class ExtrapSGD(ExtrapOptimizer):
         ``closure`` (zero grads, forward, backward, return loss) is required by
         ``extrapolation="fresh"``, which calls it twice: at the anchor and at x̃.
         """
-        self._check_train_mode()
-        self._resolve_world_size()
+        self._begin_step()
         loss = None
         if any(group["extrapolation"] == "fresh" for group in self.param_groups):
             self._fresh_pass(closure)
@@ -216,53 +215,75 @@ def _single_tensor_extrap_sgd(
     params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, *,
     lr, extrap_lr, momentum, extrap_momentum, weight_decay, nesterov, local_coef, direction,
 ):  # fmt: skip
+    # The parameter p holds x̃_t, which is dead once the gradients exist: temporaries go into p.
     for i, (p, x, g, gk) in enumerate(zip(params, anchors, grads, local_grads)):
-        # Base update at the anchor, in torch.optim.SGD's order of operations (bitwise equal).
-        h = g if weight_decay == 0 else g.add(x, alpha=weight_decay)
+        # Base update at the anchor, torch.optim.SGD's operations in its order (bitwise equal).
+        h = g if weight_decay == 0 else torch.add(g, x, alpha=weight_decay, out=p)
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
                 buf = momentum_buffers[i] = h.detach().clone()
             else:
                 buf.mul_(momentum).add_(h)
-            h = h.add(buf, alpha=momentum) if nesterov else buf
+            h = torch.add(h, buf, alpha=momentum, out=p) if nesterov else buf
         x.add_(h, alpha=-lr)
         if not direction:
             continue
-        # Local direction from the new anchor: ĥ = c·gᵏ + λx_{t+1}, ũ = m̃ũ + ĥ, d = ĥ + m̃ũ.
-        hk = gk if local_coef == 1.0 else gk.mul(local_coef)
-        if weight_decay != 0:
-            hk = hk.add(x, alpha=weight_decay)
+        # Local direction from the new anchor, one cache-sized chunk at a time (CPU).
+        ubuf, first = None, False
         if extrap_momentum != 0:
             ubuf = extrap_buffers[i]
             if ubuf is None:
-                ubuf = extrap_buffers[i] = hk.detach().clone()
-            else:
-                ubuf.mul_(extrap_momentum).add_(hk)
-            d = hk.add(ubuf, alpha=extrap_momentum) if nesterov else ubuf
+                ubuf = extrap_buffers[i] = torch.empty_like(x)
+                first = True
+        tensors = (p, x, gk) if ubuf is None else (p, x, gk, ubuf)
+        for chunk in _chunks(tensors):
+            _sgd_direction_(
+                *chunk, coef=local_coef, weight_decay=weight_decay, momentum=extrap_momentum,
+                nesterov=nesterov, extrap_lr=extrap_lr, first=first,
+            )  # fmt: skip
+
+
+def _sgd_direction_(p, x, gk, ubuf=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first):
+    """p ← x − γ̃·d:  ĥ = c·gᵏ + λx,  ũ ← m̃ũ + ĥ (ũ = ĥ at first),  d = ĥ + m̃ũ (heavy ball: ũ)."""
+    if coef != 1.0:
+        hk = torch.mul(gk, coef, out=p)
+        if weight_decay != 0:
+            hk.add_(x, alpha=weight_decay)
+    elif weight_decay != 0:
+        hk = torch.add(gk, x, alpha=weight_decay, out=p)
+    else:
+        hk = gk
+    d = hk
+    if ubuf is not None:
+        if first:
+            ubuf.copy_(hk)
         else:
-            d = hk
-        if extrap_lr == 0:
-            p.copy_(x)
-        else:
-            torch.add(x, d, alpha=-extrap_lr, out=p)
+            torch.add(hk, ubuf, alpha=momentum, out=ubuf)
+        if extrap_lr != 0:
+            d = torch.add(hk, ubuf, alpha=momentum, out=p) if nesterov else ubuf
+    if extrap_lr == 0:
+        p.copy_(x)
+    else:
+        torch.add(x, d, alpha=-extrap_lr, out=p)
 
 
 def _multi_tensor_extrap_sgd(
     params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, *,
     lr, extrap_lr, momentum, extrap_momentum, weight_decay, nesterov, local_coef, direction,
 ):  # fmt: skip
+    # The parameters hold x̃_t, which is dead once the gradients exist: temporaries go into them.
     for idx in _group_by_device_and_dtype(anchors):
         P = [params[i] for i in idx]
         X = [anchors[i] for i in idx]
         G = [grads[i] for i in idx]
-        # Base update at the anchor, in torch.optim.SGD's foreach order (bitwise equal).
-        H = G if weight_decay == 0 else torch._foreach_add(G, X, alpha=weight_decay)
+        # Base update at the anchor, torch.optim.SGD's foreach operations in its order (bitwise
+        # equal), with h in P rather than in a new allocation (or, as torch, in place in .grad).
+        H = G if weight_decay == 0 else _add_into(P, G, X, weight_decay)
         if momentum != 0:
             bufs = _update_buffers(momentum_buffers, idx, H, momentum)
             if nesterov and H is G:
-                # torch adds in place into the gradients; g stays intact for the local step.
-                H = torch._foreach_add(G, bufs, alpha=momentum)
+                H = _add_into(P, G, bufs, momentum)
             elif nesterov:
                 torch._foreach_add_(H, bufs, alpha=momentum)
             else:
@@ -271,31 +292,74 @@ def _multi_tensor_extrap_sgd(
         del H
         if not direction:
             continue
-        # Local direction from the new anchor: ĥ = c·gᵏ + λx_{t+1}, ũ = m̃ũ + ĥ, d = ĥ + m̃ũ.
-        Hk = [local_grads[i] for i in idx]
-        owned = False
-        if local_coef != 1.0:
-            Hk, owned = torch._foreach_mul(Hk, local_coef), True
-        if weight_decay != 0:
-            if owned:
-                torch._foreach_add_(Hk, X, alpha=weight_decay)
-            else:
-                Hk, owned = torch._foreach_add(Hk, X, alpha=weight_decay), True
+        # Local direction from the new anchor, over cache-sized batches of chunks (CPU).
+        Gk = [local_grads[i] for i in idx]
+        U, first = None, False
         if extrap_momentum != 0:
-            ubufs = _update_buffers(extrap_buffers, idx, Hk, extrap_momentum)
-            if nesterov:
-                if owned:
-                    torch._foreach_add_(Hk, ubufs, alpha=extrap_momentum)
-                    D = Hk
+            U = [extrap_buffers[i] for i in idx]
+            if any(u is None for u in U):
+                if not all(u is None for u in U):  # a partial state: restart ũ where missing
+                    for j, i in enumerate(idx):
+                        if U[j] is None:
+                            U[j] = extrap_buffers[i] = torch.zeros_like(X[j])
                 else:
-                    D = torch._foreach_add(Hk, ubufs, alpha=extrap_momentum)
-            else:
-                D = ubufs
+                    U = [torch.empty_like(x) for x in X]
+                    for i, u in zip(idx, U):
+                        extrap_buffers[i] = u
+                    first = True
+        lists = (P, X, Gk) if U is None else (P, X, Gk, U)
+        for batch in _batches(lists):
+            _foreach_sgd_direction_(
+                *batch, coef=local_coef, weight_decay=weight_decay, momentum=extrap_momentum,
+                nesterov=nesterov, extrap_lr=extrap_lr, first=first,
+            )  # fmt: skip
+
+
+def _foreach_sgd_direction_(P, X, Gk, U=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first):
+    """Foreach form of :func:`_sgd_direction_`: in-place operations only, P as the scratch."""
+    Hk = Gk
+    if coef != 1.0 or weight_decay != 0:
+        Hk = P
+        torch._foreach_copy_(P, Gk)
+        if coef != 1.0:
+            torch._foreach_mul_(P, coef)
+        if weight_decay != 0:
+            torch._foreach_add_(P, X, alpha=weight_decay)
+    if U is not None:
+        if first:
+            torch._foreach_copy_(U, Hk)
         else:
-            D = Hk
+            torch._foreach_mul_(U, momentum)
+            torch._foreach_add_(U, Hk)
+    if extrap_lr == 0:
         torch._foreach_copy_(P, X)
-        if extrap_lr != 0:
-            torch._foreach_add_(P, D, alpha=-extrap_lr)
+        return
+    if Hk is P:  # P = ĥ:  d = ĥ + m̃ũ (or ũ) in P, then P = x − γ̃·d
+        if U is not None and nesterov:
+            torch._foreach_add_(P, U, alpha=momentum)
+        elif U is not None:
+            torch._foreach_copy_(P, U)
+        torch._foreach_mul_(P, -extrap_lr)
+        torch._foreach_add_(P, X)
+        return
+    torch._foreach_copy_(P, X)  # ĥ = gᵏ:  P = x − γ̃·gᵏ − γ̃m̃·ũ (or x − γ̃·ũ)
+    if U is None or nesterov:
+        torch._foreach_add_(P, Gk, alpha=-extrap_lr)
+    if U is not None:
+        torch._foreach_add_(P, U, alpha=-extrap_lr * momentum if nesterov else -extrap_lr)
+
+
+def _add_into(out: list[Tensor], A: list[Tensor], B: list[Tensor], alpha: float) -> list[Tensor]:
+    """A + alpha·B, bitwise as ``torch._foreach_add(A, B, alpha=alpha)``, written into ``out``.
+
+    On CPU into the owned scratch ``out`` (a fresh allocation there costs page faults, more than a
+    copy); elsewhere into a new (cached) allocation, which saves the copy's memory traffic.
+    """
+    if not out[0].is_cpu:
+        return torch._foreach_add(A, B, alpha=alpha)
+    torch._foreach_copy_(out, A)
+    torch._foreach_add_(out, B, alpha=alpha)
+    return out
 
 
 def _update_buffers(buffers: list, idx: list[int], H: list[Tensor], momentum: float) -> list:
@@ -311,6 +375,42 @@ def _update_buffers(buffers: list, idx: list[int], H: list[Tensor], momentum: fl
         else:
             bufs[j].mul_(momentum).add_(H[j])
     return bufs
+
+
+# On CPU the step is bound by memory bandwidth. The base update keeps torch's operations (for
+# bitwise equality), but the passes of the local direction may be reordered: they run over
+# chunks of _CHUNK_BYTES per buffer, which stay in cache from one pass to the next, so that
+# each buffer crosses the memory bus about once for the whole direction.
+_CHUNK_BYTES = 1 << 20
+
+
+def _chunks(tensors: tuple[Tensor, ...]):
+    """Aligned chunks of same-shaped tensors (CPU, contiguous, large), else the tensors whole."""
+    t = tensors[0]
+    chunk = _CHUNK_BYTES // t.element_size()
+    if not t.is_cpu or t.numel() < 2 * chunk or not all(s.is_contiguous() for s in tensors):
+        return (tensors,)
+    return zip(*(s.view(-1).split(chunk) for s in tensors))
+
+
+def _batches(lists: tuple[list[Tensor], ...]):
+    """Aligned lists of chunks, about _CHUNK_BYTES per list per batch (CPU), else the lists whole."""
+    if not lists[0][0].is_cpu:
+        yield lists
+        return
+    chunk = _CHUNK_BYTES // lists[0][0].element_size()
+    batch: list[list[Tensor]] = [[] for _ in lists]
+    size = 0
+    for tensors in zip(*lists):
+        for piece in _chunks(tensors):
+            for out, t in zip(batch, piece):
+                out.append(t)
+            size += piece[0].numel()
+            if size >= chunk:
+                yield batch
+                batch, size = [[] for _ in lists], 0
+    if size:
+        yield batch
 
 
 def _group_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]]:

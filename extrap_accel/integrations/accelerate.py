@@ -1,0 +1,97 @@
+"""``extrap_accel.prepare(accelerator, model, optimizer, ...)``: accelerate's prepare plus
+anchor safety, the fp16 scale, and per-rank checkpointing of the local extrapolation state."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attach import _unwrap_module, _unwrap_optimizer, attach
+from ..optim.base import ExtrapOptimizer
+
+_REGISTRY_ATTR = "_extrap_accel_optimizers"
+
+
+def local_state_path(output_dir: str, index: int, rank: int) -> str:
+    return os.path.join(output_dir, f"extrap_accel_local_{index}_rank{rank}.pt")
+
+
+def prepare(accelerator, *objects: Any) -> Any:
+    """``accelerator.prepare(*objects)``, then make every extrap_accel optimizer among them safe.
+
+    For each extrap_accel optimizer: ``attach`` it to the prepared model holding its
+    parameters (no-grad forwards, ``save_model``, ``get_state_dict`` and ``save_state`` see the
+    anchor), hand it accelerate's GradScaler (fp16), and save/restore its per-rank state
+    (x̃, local moments, noise generators) on every rank in ``save_state``/``load_state``.
+    Returns what ``accelerator.prepare`` returns.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise NotImplementedError(
+            "extrap_accel does not support FSDP yet: use DDP (MULTI_GPU) or DeepSpeed ZeRO-0/1/2"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise NotImplementedError(
+            "extrap_accel.prepare does not support DeepSpeed yet; use DDP (MULTI_GPU/MULTI_CPU)"
+        )
+    prepared = accelerator.prepare(*objects)
+    items = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
+    models = [o for o in items if isinstance(o, nn.Module)]
+    registry = getattr(accelerator, _REGISTRY_ATTR, None)
+    if registry is None:
+        registry = []
+        setattr(accelerator, _REGISTRY_ATTR, registry)
+        _register_checkpoint_hooks(accelerator, registry)
+    for obj in items:
+        if isinstance(obj, nn.Module):
+            continue
+        try:
+            optimizer = _unwrap_optimizer(obj)
+        except TypeError:
+            continue
+        model = _model_of(optimizer, models)
+        if model is None:
+            raise ValueError(
+                "extrap_accel.prepare: pass the model together with its optimizer "
+                "(prepare(accelerator, model, optimizer, ...)) so the model can be attached"
+            )
+        attach(model, optimizer)
+        if accelerator.scaler is not None:
+            optimizer.set_grad_scaler(accelerator.scaler)
+        if optimizer not in registry:
+            registry.append(optimizer)
+    return prepared
+
+
+def _model_of(optimizer: ExtrapOptimizer, models: list[nn.Module]) -> nn.Module | None:
+    params = {p for g in optimizer.param_groups for p in g["params"]}
+    for model in models:
+        if any(p in params for p in _unwrap_module(model).parameters()):
+            return model
+    return None
+
+
+def _register_checkpoint_hooks(accelerator, registry: list[ExtrapOptimizer]) -> None:
+    def save_hook(models, weights, output_dir):
+        for i, optimizer in enumerate(registry):
+            torch.save(
+                optimizer.local_state_dict(),
+                local_state_path(output_dir, i, accelerator.process_index),
+            )
+
+    def load_hook(models, input_dir):
+        for i, optimizer in enumerate(registry):
+            path = local_state_path(input_dir, i, accelerator.process_index)
+            if os.path.exists(path):
+                optimizer._pending_local_state = torch.load(
+                    path, map_location="cpu", weights_only=True
+                )
+            # No file for this rank: the checkpoint came from fewer processes. The optimizer
+            # then raises at its first step unless the user calls reset_local_state().
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,107 @@
+"""extrap-SGD with post-local SGD (Lin et al. 2020, Algorithm 2) on PyTorch's machinery.
+
+Phase 1 (optimizer steps t < ``start_step``): ordinary data-parallel extrap-SGD.
+Phase 2 (t ≥ ``start_step``): DDP's ``post_localSGD_hook`` stops the gradient all-reduce, each
+worker takes ``period`` local steps with its own momentum and extrapolation, then the
+**anchors** are averaged (one parameter all-reduce) and every x̃ is moved with its anchor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.model_averaging import utils as averaging_utils
+from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+from ..attach import _unwrap_optimizer
+from ..optim.base import ExtrapOptimizer
+
+
+class _AnchorAverager(PeriodicModelAverager):
+    """PeriodicModelAverager over plain tensors (the anchors are not Parameters with grads)."""
+
+    def due(self) -> bool:
+        return self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
+
+    def average_parameters(self, params) -> None:
+        if self.due():
+            averaging_utils.average_parameters(iter(params), self.process_group)
+        self.step += 1
+
+
+class PostLocalSGD:
+    """Switch a DDP model + optimizer to post-local SGD after ``start_step`` optimizer steps.
+
+    Anchors are averaged after every ``period`` local steps: after steps
+    ``start_step + period − 1``, ``start_step + 2·period − 1``, … Works with any optimizer; with an
+    extrap_accel optimizer the anchors (never x̃) are averaged and x̃ keeps its displacement.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, *, start_step: int, period: int):
+        from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
+            PostLocalSGDState,
+            post_localSGD_hook,
+        )
+
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "post-local SGD needs a DistributedDataParallel model (accelerate MULTI_GPU or "
+                f"MULTI_CPU, or torchrun + DDP); got {type(model).__name__}. DeepSpeed and FSDP "
+                "are not supported."
+            )
+        if not (isinstance(start_step, int) and start_step >= 0):
+            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+        if not (isinstance(period, int) and period >= 2):
+            raise ValueError(
+                f"period must be an int >= 2 (local steps between averagings), got {period!r}"
+            )
+        self.start_step = start_step
+        self.period = period
+        try:
+            self.optimizer = _unwrap_optimizer(optimizer)
+        except TypeError:
+            while hasattr(optimizer, "optimizer"):
+                optimizer = optimizer.optimizer
+            self.optimizer = optimizer
+        # A subgroup of one rank per worker: PyTorch's default subgroup is the node (and needs
+        # CUDA); phase 2 must not all-reduce gradients at all.
+        self.subgroup, _ = dist.new_subgroups(group_size=1)
+        self.state = PostLocalSGDState(
+            process_group=None,
+            subgroup=self.subgroup,
+            start_localSGD_iter=start_step,
+            post_local_gradient_allreduce=False,
+        )
+        model.register_comm_hook(self.state, post_localSGD_hook)
+        self.averager = _AnchorAverager(period=period, warmup_steps=start_step + period - 1)
+        self._handle = self.optimizer.register_step_post_hook(self._after_step)
+
+    @property
+    def local(self) -> bool:
+        """Whether the next step is a local one (phase 2)."""
+        return self.averager.step >= self.start_step
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if not self.averager.due():
+            self.averager.step += 1
+            return
+        if isinstance(self.optimizer, ExtrapOptimizer):
+            pairs = self.optimizer.displaced()
+            offsets = [p - anchor for p, anchor in pairs]
+            self.averager.average_parameters([anchor for _, anchor in pairs])
+            for (p, anchor), offset in zip(pairs, offsets):
+                torch.add(anchor, offset, out=p.data)  # x̃ = x̄ + (x̃ − x)
+        else:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.averager.average_parameters([p.data for p in params])
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def enable_post_local_sgd(model, optimizer, *, start_step: int, period: int) -> PostLocalSGD:
+    """Algorithm 2: data-parallel until ``start_step`` optimizer steps, then post-local SGD."""
+    return PostLocalSGD(model, optimizer, start_step=start_step, period=period)
+

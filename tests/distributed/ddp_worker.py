@@ -1,0 +1,417 @@
+"""Every data-parallel check of one configuration, run on each rank of a real launch.
+
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml \
+        tests/distributed/ddp_worker.py --config fp32 --out /tmp/results
+
+Each rank writes ``<out>/<config>_rank<r>.json`` with measured quantities; tests/test_ddp.py
+asserts on them. Each rank trains on its own data. The oracle is tests/reference.py, fed with
+every rank's captured local gradients (gathered here, for the checks only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import extrap_accel  # noqa: E402
+from reference import ReferenceExtrapSGD  # noqa: E402
+
+LR, MOMENTUM, WD = 0.1, 0.9, 1e-2
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def batch(rank: int, step: int, n: int = 8):
+    g = torch.Generator().manual_seed(10_000 * step + rank)
+    return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
+
+
+def loss_fn(model, x, y):
+    return nn.functional.mse_loss(model(x), y)
+
+
+def gather(t: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def max_err(a, b) -> float:
+    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(a, b))
+
+
+def params_of(model):
+    return list(getattr(model, "module", model).parameters())
+
+
+def true_local_grads(model, accelerator, x, y, micro_steps):
+    """This rank's gradient at its current weights from a plain (non-DDP) copy of the module."""
+    plain = copy.deepcopy(accelerator.unwrap_model(model))
+    with accelerator.autocast():
+        losses = [loss_fn(plain, xm, ym) / micro_steps for xm, ym in zip(x.chunk(micro_steps),
+                                                                         y.chunk(micro_steps))]
+    sum(losses).backward()
+    return [p.grad.float() for p in plain.parameters()]
+
+
+def run_extrap_checks(accelerator, results, *, steps=5, micro_steps=1, scaler=None,
+                      overflow_at=None, prefix="", variant_kwargs=None):
+    """Train ExtrapSGD through extrap_accel.prepare and compare with the K-worker oracle."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model = make_model()
+    kwargs = dict(lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
+    kwargs.update(variant_kwargs or {})
+    optimizer = extrap_accel.ExtrapSGD(model.parameters(), **kwargs)
+    model, optimizer = extrap_accel.prepare(accelerator, model, optimizer)
+    base = optimizer.optimizer
+    params = params_of(model)
+    ref = ReferenceExtrapSGD([p.detach().double() for p in params], lr=LR, momentum=MOMENTUM,
+                             nesterov=True, weight_decay=WD, world_size=world)
+    r = {k: [] for k in ("capture_err", "i6_err", "point_err", "anchor_err", "i4_err",
+                         "i4_norm", "anchors_equal", "skipped")}
+    for t in range(steps):
+        x, y = batch(rank, t)
+        truth = true_local_grads(model, accelerator, x, y, micro_steps)
+        for xm, ym in zip(x.chunk(micro_steps), y.chunk(micro_steps)):
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, xm, ym)
+                if overflow_at == t and rank == 0:
+                    loss = loss * float("inf")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    scale = scaler.get_scale() if scaler is not None else 1.0
+                    gk = [base.local_grad(p).clone() / scale for p in params]
+                    grads = [p.grad.clone() / scale for p in params]
+                    state_before = [(p.detach().clone(), base.anchor(p).clone()) for p in params]
+                optimizer.step()
+                optimizer.zero_grad()
+        skipped = bool(optimizer.step_was_skipped)
+        r["skipped"].append(skipped)
+        if skipped:
+            r.setdefault("unchanged_after_skip", []).append(all(
+                torch.equal(p, a) and torch.equal(base.anchor(q), b)
+                for (p, b), q, a in zip(state_before, params, [q.detach() for q in params])))
+            continue
+        r["capture_err"].append(max_err(gk, truth))
+        mean_gk = [torch.stack(gather(g)).mean(0) for g in gk]
+        r["i6_err"].append(max_err(mean_gk, grads))
+        per_rank = list(zip(*[gather(g) for g in gk]))  # per_rank[k]: rank k's gradients
+        ref.step([[g.double() for g in per_rank[k]] for k in range(world)])
+        r["point_err"].append(max_err([p.detach() for p in params], ref.points(rank)))
+        r["anchor_err"].append(max_err([base.anchor(p) for p in params], ref.anchor))
+        points = [gather(p.detach()) for p in params]
+        expected = [a - b for a, b in zip(ref.points(0), ref.points(1))]
+        r["i4_err"].append(max_err([pt[0] - pt[1] for pt in points], expected))
+        r["i4_norm"].append(float(sum((pt[0] - pt[1]).norm() for pt in points)))
+        anchors = [gather(base.anchor(p)) for p in params]
+        r["anchors_equal"].append(all(torch.equal(a[0], a[1]) for a in anchors))
+    results[prefix + "extrap"] = r
+    return model, optimizer
+
+
+def check_i1(accelerator, results):
+    """extrap_scale=0 under DDP equals DDP + torch.optim.SGD bit for bit."""
+    rank = accelerator.process_index
+    a, b = make_model(), make_model()
+    oa = extrap_accel.ExtrapSGD(a.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                                weight_decay=WD, extrap_scale=0.0)
+    ob = torch.optim.SGD(b.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                         weight_decay=WD)
+    a, oa = extrap_accel.prepare(accelerator, a, oa)
+    b, ob = accelerator.prepare(b, ob)
+    for t in range(6):
+        for model, opt in ((a, oa), (b, ob)):
+            x, y = batch(rank, t)
+            accelerator.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+    results["i1_equal"] = all(torch.equal(p, q) for p, q in zip(params_of(a), params_of(b)))
+
+
+def count_collectives(fn) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    calls, elements = 0, 0
+    for event in prof.events():
+        if event.name.startswith("gloo:"):
+            calls += 1
+            for shape in event.input_shapes or []:
+                n = 1
+                for s in shape:
+                    n *= s
+                elements += n if shape else 0
+    return {"calls": calls, "elements": elements}
+
+
+def check_i3(accelerator, results):
+    """Same collective calls and elements per step as DDP with torch SGD."""
+    rank = accelerator.process_index
+    counts = {}
+    for name in ("sgd", "extrap_sgd"):
+        model = make_model()
+        if name == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
+            model, opt = accelerator.prepare(model, opt)
+        else:
+            opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                         nesterov=True)
+            model, opt = extrap_accel.prepare(accelerator, model, opt)
+
+        def one_step(t):
+            x, y = batch(rank, t)
+            accelerator.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+
+        for t in range(2):  # DDP rebuilds its buckets after the first iteration
+            one_step(t)
+        counts[name] = count_collectives(lambda: one_step(2))
+    results["i3"] = counts
+
+
+def check_saving(accelerator, results, model, optimizer, tmp):
+    """Only the anchor is evaluated or saved (I5)."""
+    from safetensors.torch import load_file
+
+    base = optimizer.optimizer
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    anchors = {n: base.anchor(p) for n, p in params.items()}
+    displaced = any(not torch.equal(p, anchors[n]) for n, p in params.items())
+    sd = accelerator.get_state_dict(model)
+    out = os.path.join(tmp, "saved_model")
+    accelerator.save_model(model, out)
+    accelerator.wait_for_everyone()
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    x, _ = batch(accelerator.process_index, 99)
+    plain = make_model()
+    plain.load_state_dict({n: a.clone() for n, a in anchors.items()})
+    with torch.no_grad():
+        same_forward = torch.equal(model(x), plain(x))
+    results["saving"] = {
+        "displaced": displaced,
+        "get_state_dict_is_anchor": all(torch.equal(sd[n], anchors[n]) for n in anchors),
+        "save_model_is_anchor": all(torch.equal(saved[n], anchors[n]) for n in anchors),
+        "no_grad_forward_is_anchor": same_forward,
+        "params_still_extrapolated": all(not torch.equal(p, anchors[n])
+                                         for n, p in params.items()) or not displaced,
+    }
+
+
+def check_resume(accelerator, results, tmp, variant_kwargs=None, key="resume"):
+    """save_state / load_state: bit-identical continuation on every rank."""
+    from accelerate import Accelerator
+
+    rank = accelerator.process_index
+    kwargs = dict(lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
+    kwargs.update(variant_kwargs or {})
+
+    def train(model, opt, steps):
+        trace = []
+        for t in steps:
+            x, y = batch(rank, t)
+            accelerator.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+            trace.append([p.detach().clone() for p in params_of(model)]
+                         + [opt.optimizer.anchor(p).clone() for p in params_of(model)])
+        return trace
+
+    acc1 = Accelerator(cpu=True)
+    model = make_model()
+    opt = extrap_accel.ExtrapSGD(model.parameters(), **kwargs)
+    model, opt = extrap_accel.prepare(acc1, model, opt)
+    train(model, opt, range(3))
+    ckpt = os.path.join(tmp, key)
+    acc1.save_state(ckpt)
+    acc1.wait_for_everyone()
+    expected = train(model, opt, range(3, 6))
+
+    acc2 = Accelerator(cpu=True)
+    model2 = make_model(seed=123)  # different weights: everything must come from the checkpoint
+    opt2 = extrap_accel.ExtrapSGD(model2.parameters(), **kwargs)
+    model2, opt2 = extrap_accel.prepare(acc2, model2, opt2)
+    acc2.load_state(ckpt)
+    got = train(model2, opt2, range(3, 6))
+    results[key] = {
+        "bit_identical": all(torch.equal(a, b) for e, g in zip(expected, got)
+                             for a, b in zip(e, g)),
+        "local_file": os.path.exists(os.path.join(ckpt, f"extrap_accel_local_0_rank{rank}.pt")),
+        "optimizer_file_world_size": torch.load(os.path.join(ckpt, "optimizer.bin"),
+                                                weights_only=True)["extrap"]["world_size"],
+    }
+
+
+def check_variants(accelerator, results):
+    rank = accelerator.process_index
+    out = {}
+    for name, kw in (("stochastic", {}), ("gaussian", {"noise_scale": 1e-2}),
+                     ("filterwise", {"noise_scale": 1e-2})):
+        model = make_model()
+        opt = extrap_accel.create_optimizer(f"extrap_sgd_{name}", model.parameters(), lr=LR,
+                                            momentum=MOMENTUM, nesterov=True, **kw)
+        model, opt = extrap_accel.prepare(accelerator, model, opt)
+        base = opt.optimizer
+        for t in range(3):
+            x, y = batch(rank, t)
+            accelerator.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+        params = params_of(model)
+        points = [gather(p.detach()) for p in params]
+        anchors = [gather(base.anchor(p)) for p in params]
+        out[name] = {
+            "anchors_equal": all(torch.equal(a[0], a[1]) for a in anchors),
+            "points_differ": any(not torch.equal(pt[0], pt[1]) for pt in points),
+            "mean_point_minus_anchor": max(float((torch.stack(pt).mean(0) - a[0]).abs().max())
+                                           for pt, a in zip(points, anchors)),
+        }
+    results["variants"] = out
+
+
+def check_fresh_refused(accelerator, results):
+    model = make_model()
+    opt = extrap_accel.create_optimizer("extrap_sgd_fresh", model.parameters(), lr=LR)
+    model, opt = extrap_accel.prepare(accelerator, model, opt)
+    x, y = batch(accelerator.process_index, 0)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model, x, y)
+        accelerator.backward(loss)
+        return loss
+
+    try:
+        opt.step(closure)
+        results["fresh_error"] = ""
+    except RuntimeError as e:
+        results["fresh_error"] = str(e)
+
+
+def check_plain_prepare(accelerator, results):
+    """A plain accelerator.prepare (no extrap_accel.prepare) still extrapolates locally."""
+    rank = accelerator.process_index
+    model = make_model()
+    opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
+    model, opt = accelerator.prepare(model, opt)
+    losses = []
+    for t in range(8):
+        x, y = batch(rank, t % 2)
+        loss = loss_fn(model, x, y)
+        losses.append(float(loss))
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    params = params_of(model)
+    base = opt.optimizer
+    results["plain_prepare"] = {
+        "captures": base.captures_local_grads,
+        "anchors_equal": all(torch.equal(*gather(base.anchor(p))) for p in params),
+        "points_differ": any(not torch.equal(*gather(p.detach())) for p in params),
+        "loss_first": losses[0], "loss_last": losses[-1],
+    }
+
+
+def check_post_local(accelerator, results, start_step=3, period=2, steps=9):
+    rank = accelerator.process_index
+    model = make_model()
+    opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
+    model, opt = extrap_accel.prepare(accelerator, model, opt)
+    extrap_accel.enable_post_local_sgd(model, opt, start_step=start_step, period=period)
+    base = opt.optimizer
+    equal, collectives = [], []
+    for t in range(steps):
+        def one_step(t=t):
+            x, y = batch(rank, t)
+            accelerator.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+        collectives.append(count_collectives(one_step)["calls"])
+        anchors = [gather(base.anchor(p)) for p in params_of(model)]
+        equal.append(all(torch.equal(a[0], a[1]) for a in anchors))
+    results["post_local"] = {"start_step": start_step, "period": period,
+                             "anchors_equal": equal, "collectives": collectives}
+
+
+def main() -> None:
+    from accelerate import Accelerator
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True,
+                        choices=["fp32", "ga", "bf16", "fp16", "post_local", "multinode"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    results: dict = {}
+    if args.config == "ga":
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    elif args.config == "bf16":
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    else:
+        accelerator = Accelerator(cpu=True)
+    results["world_size"] = accelerator.num_processes
+
+    if args.config == "fp32":
+        model, optimizer = run_extrap_checks(accelerator, results)
+        with tempfile.TemporaryDirectory() as d:
+            shared = [d]
+            dist.broadcast_object_list(shared, src=0)
+            check_saving(accelerator, results, model, optimizer, shared[0])
+            check_resume(accelerator, results, shared[0])
+            check_resume(accelerator, results, shared[0], {"extrapolation": "gaussian",
+                                                           "noise_scale": 1e-2},
+                         key="resume_gaussian")
+            accelerator.wait_for_everyone()
+        check_i1(accelerator, results)
+        check_i3(accelerator, results)
+        check_variants(accelerator, results)
+        check_fresh_refused(accelerator, results)
+        check_plain_prepare(accelerator, results)
+    elif args.config == "ga":
+        run_extrap_checks(accelerator, results, micro_steps=2)
+    elif args.config == "bf16":
+        run_extrap_checks(accelerator, results)
+    elif args.config == "fp16":
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        run_extrap_checks(accelerator, results, scaler=accelerator.scaler, overflow_at=2,
+                          steps=6)
+        results["scale_after"] = accelerator.scaler.get_scale()
+        # Without extrap_accel.prepare the optimizer cannot know the scale: it must refuse.
+        model = make_model()
+        opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR)
+        model, opt = accelerator.prepare(model, opt)
+        x, y = batch(accelerator.process_index, 0)
+        accelerator.backward(loss_fn(model, x, y))
+        try:
+            opt.step()
+            results["unknown_scaler_error"] = ""
+        except RuntimeError as e:
+            results["unknown_scaler_error"] = str(e)
+    elif args.config == "post_local":
+        check_post_local(accelerator, results)
+    elif args.config == "multinode":
+        run_extrap_checks(accelerator, results, steps=3)
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.config}_rank{accelerator.process_index}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

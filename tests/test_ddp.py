@@ -1,0 +1,151 @@
+"""Data parallelism through accelerate on 2 real CPU processes (gloo).
+
+One launch per configuration runs every check of that configuration
+(tests/distributed/ddp_worker.py) and writes JSON per rank; these tests assert on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from launch import accelerate_cmd, free_port, load_results, run
+
+pytestmark = pytest.mark.slow
+WORKER = "tests/distributed/ddp_worker.py"
+TOL = 1e-6  # float32 training vs the float64 oracle
+
+
+def _launch(tmp_path_factory, config: str) -> list[dict]:
+    out = tmp_path_factory.mktemp(config)
+    run([accelerate_cmd("cpu_2proc.yaml", "--main_process_port", str(free_port()), WORKER,
+                        "--config", config, "--out", str(out))])
+    return load_results(str(out), config, 2)
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    return _launch(tmp_path_factory, "fp32")
+
+
+@pytest.fixture(scope="module")
+def ga(tmp_path_factory):
+    return _launch(tmp_path_factory, "ga")
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory):
+    return _launch(tmp_path_factory, "bf16")
+
+
+@pytest.fixture(scope="module")
+def fp16(tmp_path_factory):
+    return _launch(tmp_path_factory, "fp16")
+
+
+@pytest.fixture(scope="module")
+def post_local(tmp_path_factory):
+    return _launch(tmp_path_factory, "post_local")
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory):
+    """accelerate_configs/multi_node.yaml, two launches (machine_rank 0 and 1) on 127.0.0.1."""
+    out = tmp_path_factory.mktemp("multinode")
+    port = str(free_port())
+    run([accelerate_cmd("multi_node.yaml", "--machine_rank", str(rank), "--num_processes", "2",
+                        "--main_process_ip", "127.0.0.1", "--main_process_port", port, WORKER,
+                        "--config", "multinode", "--out", str(out)) for rank in (0, 1)])
+    return load_results(str(out), "multinode", 2)
+
+
+CONFIGS = ["fp32", "ga", "bf16", "fp16", "multinode"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_local_extrapolation_matches_the_k_worker_oracle(config, request):
+    """Each rank's x̃ and the anchor follow ALGORITHMS.md with K = 2 (I4, I6, anchors equal)."""
+    for rank, res in enumerate(request.getfixturevalue(config)):
+        r = res["extrap"]
+        assert res["world_size"] == 2
+        steps = [i for i, s in enumerate(r["skipped"]) if not s]
+        assert len(steps) >= 3
+        # gᵏ is this rank's own pre-all-reduce gradient (vs a plain module at the same x̃) ...
+        assert max(r["capture_err"]) <= 1e-7, (config, rank)
+        # ... whose mean over ranks is the averaged .grad of the base update (I6).
+        assert max(r["i6_err"]) <= 1e-7, (config, rank)
+        assert max(r["point_err"]) <= TOL and max(r["anchor_err"]) <= TOL, (config, rank)
+        # I4: x̃⁰ − x̃¹ = −γ̃(d⁰ − d¹), and the ranks really sit at different points.
+        assert max(r["i4_err"]) <= TOL and min(r["i4_norm"]) > 1e-2, (config, rank)
+        assert all(r["anchors_equal"]), (config, rank)
+
+
+def test_i1_extrap_scale_zero_is_ddp_sgd_bit_for_bit(fp32):
+    assert all(r["i1_equal"] for r in fp32)
+
+
+def test_i3_same_collectives_as_ddp_sgd(fp32):
+    for r in fp32:
+        assert r["i3"]["sgd"]["calls"] >= 1
+        assert r["i3"]["extrap_sgd"] == r["i3"]["sgd"]
+
+
+def test_only_the_anchor_is_evaluated_or_saved(fp32):
+    for r in fp32:
+        s = r["saving"]
+        assert s["displaced"] and s["params_still_extrapolated"]
+        assert s["get_state_dict_is_anchor"] and s["save_model_is_anchor"]
+        assert s["no_grad_forward_is_anchor"]
+
+
+@pytest.mark.parametrize("key", ["resume", "resume_gaussian"])
+def test_resume_from_save_state_is_bit_identical_on_every_rank(fp32, key):
+    for r in fp32:
+        assert r[key]["local_file"] and r[key]["optimizer_file_world_size"] == 2
+        assert r[key]["bit_identical"]
+
+
+@pytest.mark.parametrize("variant", ["stochastic", "gaussian", "filterwise"])
+def test_variants_under_ddp(fp32, variant):
+    for r in fp32:
+        v = r["variants"][variant]
+        assert v["anchors_equal"] and v["points_differ"]
+    if variant == "stochastic":  # ξᵏ = −γ̃(gᵏ − g) is zero-mean across workers
+        assert fp32[0]["variants"][variant]["mean_point_minus_anchor"] < 1e-6
+
+
+def test_fresh_is_refused_under_ddp(fp32):
+    for r in fp32:
+        assert "not supported under data parallelism" in r["fresh_error"]
+
+
+def test_plain_accelerator_prepare_still_extrapolates_locally(fp32):
+    for r in fp32:
+        p = r["plain_prepare"]
+        assert p["captures"] and p["anchors_equal"] and p["points_differ"]
+        assert p["loss_last"] < p["loss_first"]
+
+
+def test_fp16_overflow_step_changes_nothing(fp16):
+    for r in fp16:
+        assert r["extrap"]["skipped"].count(True) == 1
+        assert r["extrap"]["unchanged_after_skip"] == [True]
+        assert r["scale_after"] == 2.0**9  # GradScaler backed off once
+
+
+def test_fp16_without_prepare_fails_loudly(fp16):
+    for r in fp16:
+        assert "extrap_accel.prepare" in r["unknown_scaler_error"]
+
+
+def test_post_local_sgd_averages_anchors_every_period(post_local):
+    for r in post_local:
+        p = r["post_local"]
+        start, period = p["start_step"], p["period"]
+        for t, (equal, calls) in enumerate(zip(p["anchors_equal"], p["collectives"])):
+            averaged = t >= start and (t - start + 1) % period == 0
+            if t < start:  # phase 1: all-reduced gradients, identical anchors every step
+                assert equal and calls >= 1, t
+            elif averaged:  # one parameter all-reduce, anchors identical right after it
+                assert equal and calls == 1, t
+            else:  # local steps: no communication at all, anchors drift apart
+                assert not equal and calls == 0, t
