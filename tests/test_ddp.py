@@ -15,9 +15,9 @@ WORKER = "tests/distributed/ddp_worker.py"
 TOL = 1e-6  # float32 training vs the float64 oracle
 
 
-def _launch(tmp_path_factory, config: str) -> list[dict]:
+def _launch(tmp_path_factory, config: str, config_file: str = "cpu_2proc.yaml") -> list[dict]:
     out = tmp_path_factory.mktemp(config)
-    run([accelerate_cmd("cpu_2proc.yaml", "--main_process_port", str(free_port()), WORKER,
+    run([accelerate_cmd(config_file, "--main_process_port", str(free_port()), WORKER,
                         "--config", config, "--out", str(out))])
     return load_results(str(out), config, 2)
 
@@ -34,7 +34,9 @@ def ga(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bf16(tmp_path_factory):
-    return _launch(tmp_path_factory, "bf16")
+    results = _launch(tmp_path_factory, "bf16", "cpu_2proc_bf16.yaml")
+    assert all(r["mixed_precision"] == "bf16" for r in results)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,16 @@ def test_plain_accelerator_prepare_still_extrapolates_locally(fp32):
         p = r["plain_prepare"]
         assert p["captures"] and p["anchors_equal"] and p["points_differ"]
         assert p["loss_last"] < p["loss_first"]
+
+
+def test_extra_memory_per_parameter_under_ddp(fp32):
+    """extrap-SGD: anchor + local momentum + captured local gradient (3 fp32 buffers);
+    extrap-Adam: anchor + two local moments + captured local gradient (4)."""
+    for r in fp32:
+        m = r["memory"]
+        assert m["extrap_sgd"]["extra_bytes_per_param"] == 3 * 4
+        assert m["extrap_adam"]["extra_bytes_per_param"] == 4 * 4
+        assert m["extrap_sgd"]["capture_bytes_per_param"] == 4
 
 
 def test_fp16_overflow_step_changes_nothing(fp16):

@@ -347,6 +347,35 @@ def check_post_local(accelerator, results, start_step=3, period=2, steps=9):
                              "anchors_equal": equal, "collectives": collectives}
 
 
+def check_memory(accelerator, results):
+    """Extra bytes per parameter over the baseline optimizer, under DDP (state + capture)."""
+    rank = accelerator.process_index
+    out = {}
+    for ours, baseline in (("extrap_sgd", "sgd"), ("extrap_adam", "adamw")):
+        nbytes = {}
+        for name in (ours, baseline):
+            model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64))
+            kwargs = {"lr": 1e-3} if "adam" in name else {"lr": LR, "momentum": MOMENTUM}
+            opt = extrap_accel.create_optimizer(name, model.parameters(), **kwargs)
+            model, opt = extrap_accel.prepare(accelerator, model, opt)
+            for t in range(2):
+                x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank + 2 * t))
+                accelerator.backward(model(x).square().mean())
+                opt.step()
+                opt.zero_grad()
+            base = opt.optimizer
+            state = sum(v.numel() * v.element_size() for s in base.state.values()
+                        for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+            capture = base._capture.nbytes() if hasattr(base, "_capture") else 0
+            nbytes[name] = (state + capture, state, capture)
+        numel = sum(p.numel() for p in params_of(model))
+        extra = nbytes[ours][0] - nbytes[baseline][0]
+        out[ours] = {"extra_bytes_per_param": extra / numel,
+                     "capture_bytes_per_param": nbytes[ours][2] / numel,
+                     "baseline_bytes_per_param": nbytes[baseline][0] / numel}
+    results["memory"] = out
+
+
 def main() -> None:
     from accelerate import Accelerator
 
@@ -358,11 +387,10 @@ def main() -> None:
     results: dict = {}
     if args.config == "ga":
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    elif args.config == "bf16":
-        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    else:
+    else:  # bf16 comes from accelerate_configs/cpu_2proc_bf16.yaml
         accelerator = Accelerator(cpu=True)
     results["world_size"] = accelerator.num_processes
+    results["mixed_precision"] = accelerator.mixed_precision
 
     if args.config == "fp32":
         model, optimizer = run_extrap_checks(accelerator, results)
@@ -380,6 +408,7 @@ def main() -> None:
         check_variants(accelerator, results)
         check_fresh_refused(accelerator, results)
         check_plain_prepare(accelerator, results)
+        check_memory(accelerator, results)
     elif args.config == "ga":
         run_extrap_checks(accelerator, results, micro_steps=2)
     elif args.config == "bf16":
