@@ -5,6 +5,7 @@
 
 from .attach import AttachHandle, attach
 from .integrations.accelerate import prepare
+from .lars import LARS
 from .integrations.post_local_sgd import PostLocalSGD, enable_post_local_sgd
 from .optim import (
     ExtrapAdam,
@@ -23,6 +24,7 @@ __all__ = [
     "ExtrapAdam",
     "ExtrapOptimizer",
     "ExtrapSGD",
+    "LARS",
     "PostLocalSGD",
     "attach",
     "create_optimizer",

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import ExtrapOptimizer, check_param_group_options
-from .sgd import _group_by_device_and_dtype
+from .sgd import _batches, _chunks, _group_by_device_and_dtype
 
 __all__ = ["ExtrapAdam", "extrap_adam"]
 
@@ -172,8 +172,9 @@ def _single_tensor_extrap_adam(
     params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
     extrap_exp_avg_sqs, *, lr, extrap_lr, beta1, beta2, eps, weight_decay, local_coef,
 ):  # fmt: skip
+    # The parameter p holds x̃_t, which is dead once the gradients exist: temporaries go into p.
     for i, x in enumerate(anchors):
-        g, gk, m, v = grads[i], local_grads[i], exp_avgs[i], exp_avg_sqs[i]
+        p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
         # Base update at the anchor, in torch.optim.AdamW's order of operations (bitwise equal).
         steps[i] += 1
         if weight_decay != 0:
@@ -183,27 +184,39 @@ def _single_tensor_extrap_adam(
         step = steps[i].item()
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = torch.sqrt(v, out=p).div_(bias_correction2_sqrt).add_(eps)
         x.addcdiv_(m, denom, value=-lr / bias_correction1)
-        # Local direction: d = m̃/bc1 / (√(ṽ/bc2) + ε) + λx_{t+1};  x̃ = x(1 − γ̃λ) − γ̃/bc1·m̃/denom.
-        if local_coef != 1.0:
-            gk = gk.mul(local_coef)
-        mk, vk = extrap_exp_avgs[i], extrap_exp_avg_sqs[i]
-        mk.lerp_(gk, 1 - beta1)
-        vk.mul_(beta2).addcmul_(gk, gk, value=1 - beta2)
-        p = params[i]
-        if extrap_lr == 0:
-            p.copy_(x)
-            continue
-        torch.mul(x, 1 - extrap_lr * weight_decay, out=p)
-        denom = (vk.sqrt() / bias_correction2_sqrt).add_(eps)
-        p.addcdiv_(mk, denom, value=-extrap_lr / bias_correction1)
+        # Local direction from the new anchor, one cache-sized chunk at a time (CPU).
+        tensors = (p, x, local_grads[i], extrap_exp_avgs[i], extrap_exp_avg_sqs[i])
+        for chunk in _chunks(tensors):
+            _adam_direction_(
+                *chunk, coef=local_coef, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, extrap_lr=extrap_lr, bc1=bias_correction1,
+                bc2_sqrt=bias_correction2_sqrt,
+            )  # fmt: skip
+
+
+def _adam_direction_(p, x, gk, mk, vk, *, coef, beta1, beta2, eps, weight_decay, extrap_lr, bc1, bc2_sqrt):
+    """m̃, ṽ ← one AdamW moment update with c·gᵏ;  p ← x − γ̃·(m̃/bc1 / (√(ṽ/bc2) + ε) + λx)."""
+    if coef != 1.0:
+        gk = torch.mul(gk, coef, out=p)
+    mk.lerp_(gk, 1 - beta1)
+    vk.mul_(beta2).addcmul_(gk, gk, value=1 - beta2)
+    if extrap_lr == 0:
+        p.copy_(x)
+        return
+    # m̃/bc1 / (√ṽ/√bc2 + ε) = (√bc2/bc1)·m̃ / (√ṽ + ε·√bc2)
+    denom = torch.sqrt(vk, out=p).add_(eps * bc2_sqrt)
+    torch.addcdiv(x, mk, denom, value=-extrap_lr * bc2_sqrt / bc1, out=p)
+    if weight_decay != 0:
+        p.add_(x, alpha=-extrap_lr * weight_decay)
 
 
 def _multi_tensor_extrap_adam(
     params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
     extrap_exp_avg_sqs, *, lr, extrap_lr, beta1, beta2, eps, weight_decay, local_coef,
 ):  # fmt: skip
+    # The parameters hold x̃_t, which is dead once the gradients exist: temporaries go into them.
     for idx in _group_by_device_and_dtype(anchors):
         P, X, G = ([t[i] for i in idx] for t in (params, anchors, grads))
         M, V, S = ([t[i] for i in idx] for t in (exp_avgs, exp_avg_sqs, steps))
@@ -220,24 +233,44 @@ def _multi_tensor_extrap_adam(
         bias_correction1 = [1 - beta1 ** s.item() for s in S]
         bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in S]
         step_size = [(lr / bc) * -1 for bc in bias_correction1]
-        denom = torch._foreach_sqrt(V)
+        if P[0].is_cpu:  # √v into the scratch P: on CPU a new allocation costs page faults
+            denom = P
+            torch._foreach_copy_(denom, V)
+            torch._foreach_sqrt_(denom)
+        else:
+            denom = torch._foreach_sqrt(V)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(X, M, denom, step_size)
-        # Local direction: x̃ = x(1 − γ̃λ) − γ̃/bc1·m̃/(√(ṽ/bc2) + ε).
-        Gk = [local_grads[i] for i in idx]
-        if local_coef != 1.0:
-            Gk = torch._foreach_mul(Gk, local_coef)
-        Mk, Vk = [extrap_exp_avgs[i] for i in idx], [extrap_exp_avg_sqs[i] for i in idx]
-        torch._foreach_lerp_(Mk, Gk, 1 - beta1)
-        torch._foreach_mul_(Vk, beta2)
-        torch._foreach_addcmul_(Vk, Gk, Gk, 1 - beta2)
+        del denom
+        # Local direction from the new anchor, over cache-sized batches of chunks (CPU).
+        Gk, Mk, Vk = ([t[i] for i in idx] for t in (local_grads, extrap_exp_avgs, extrap_exp_avg_sqs))
+        # m̃/bc1 / (√ṽ/√bc2 + ε) = s·m̃ / (√ṽ + ε·√bc2), s = √bc2/bc1
+        eps_scaled = [eps * bc for bc in bias_correction2_sqrt]
+        scale = [bc2 / bc1 for bc1, bc2 in zip(bias_correction1, bias_correction2_sqrt)]
+        for batch in _batches((P, X, Gk, Mk, Vk, eps_scaled, scale)):
+            _foreach_adam_direction_(
+                *batch, coef=local_coef, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                extrap_lr=extrap_lr,
+            )  # fmt: skip
+
+
+def _foreach_adam_direction_(P, X, Gk, Mk, Vk, eps_scaled, scale, *, coef, beta1, beta2, weight_decay, extrap_lr):
+    """Foreach form of :func:`_adam_direction_`: in-place operations only, P as the scratch."""
+    if coef != 1.0:
+        torch._foreach_copy_(P, Gk)
+        torch._foreach_mul_(P, coef)
+        Gk = P
+    torch._foreach_lerp_(Mk, Gk, 1 - beta1)
+    torch._foreach_mul_(Vk, beta2)
+    torch._foreach_addcmul_(Vk, Gk, Gk, 1 - beta2)
+    if extrap_lr == 0:
         torch._foreach_copy_(P, X)
-        if extrap_lr == 0:
-            continue
-        if weight_decay != 0:
-            torch._foreach_mul_(P, 1 - extrap_lr * weight_decay)
-        denom = torch._foreach_sqrt(Vk)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(P, Mk, denom, [-extrap_lr / bc for bc in bias_correction1])
+        return
+    torch._foreach_copy_(P, Vk)
+    torch._foreach_sqrt_(P)
+    torch._foreach_add_(P, eps_scaled)
+    torch._foreach_div_(P, Mk)  # (√ṽ + ε')/m̃, then its reciprocal: m̃/(√ṽ + ε') in place
+    torch._foreach_reciprocal_(P)
+    torch._foreach_mul_(P, [-extrap_lr * s for s in scale])
+    torch._foreach_add_(P, X, alpha=1 - extrap_lr * weight_decay)

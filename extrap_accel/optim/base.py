@@ -55,6 +55,7 @@ class ExtrapOptimizer(Optimizer):
         self._grad_scaler = None
         self._warned_k1_stochastic = False
         self._initial_placement_pending = False
+        self._unscaled_grads: dict[Tensor, Tensor] | None = None  # set by LARS during step()
         # This rank's gradient before the all-reduce; without a process group gᵏ = p.grad.
         self._capture = LocalGradCapture([p for g in self.param_groups for p in g["params"]])
 
@@ -248,6 +249,12 @@ class ExtrapOptimizer(Optimizer):
             g = self._capture.get(p)
             if g is not None:
                 return g
+        return self._averaged_grad(p)
+
+    def _averaged_grad(self, p: Tensor) -> Tensor:
+        """The averaged gradient before any base-update-only rescaling (LARS)."""
+        if self._unscaled_grads is not None and p in self._unscaled_grads:
+            return self._unscaled_grads[p]
         return p.grad
 
     def local_grad(self, p: Tensor) -> Tensor | None:

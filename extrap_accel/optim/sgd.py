@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -160,7 +161,8 @@ class ExtrapSGD(ExtrapOptimizer):
             if extrap_buf is not None:
                 self.state[p]["extrap_momentum_buffer"] = extrap_buf
         if variant == "stochastic":
-            place_stochastic_(params, anchors, local_grads, grads, extrap_lr=gamma)
+            averaged = [self._averaged_grad(p) for p in params]
+            place_stochastic_(params, anchors, local_grads, averaged, extrap_lr=gamma)
         elif variant in NOISE_EXTRAPOLATIONS:
             place_noise_(params, anchors, group=group, generator=self._generator)
         elif variant == "fresh":
@@ -384,17 +386,26 @@ def _update_buffers(buffers: list, idx: list[int], H: list[Tensor], momentum: fl
 _CHUNK_BYTES = 1 << 20
 
 
-def _chunks(tensors: tuple[Tensor, ...]):
-    """Aligned chunks of same-shaped tensors (CPU, contiguous, large), else the tensors whole."""
-    t = tensors[0]
+def _chunks(items: tuple):
+    """Aligned chunks of same-shaped tensors (CPU, contiguous, large), else the items whole.
+
+    Items that are not tensors (per-tensor scalars) are repeated for every chunk.
+    """
+    t = items[0]
     chunk = _CHUNK_BYTES // t.element_size()
+    tensors = [s for s in items if isinstance(s, Tensor)]
     if not t.is_cpu or t.numel() < 2 * chunk or not all(s.is_contiguous() for s in tensors):
-        return (tensors,)
-    return zip(*(s.view(-1).split(chunk) for s in tensors))
+        return (items,)
+    return zip(*(
+        s.view(-1).split(chunk) if isinstance(s, Tensor) else itertools.repeat(s) for s in items
+    ))  # fmt: skip
 
 
-def _batches(lists: tuple[list[Tensor], ...]):
-    """Aligned lists of chunks, about _CHUNK_BYTES per list per batch (CPU), else the lists whole."""
+def _batches(lists: tuple[list, ...]):
+    """Aligned lists of chunks, about _CHUNK_BYTES per list per batch (CPU), else the lists whole.
+
+    The first list holds tensors; lists of per-tensor scalars are repeated along the chunks.
+    """
     if not lists[0][0].is_cpu:
         yield lists
         return

@@ -1,0 +1,100 @@
+"""LARS (You et al. 2017) with NVIDIA apex LARC semantics, for the base update only.
+
+Per tensor W with gradient g (1-D tensors — biases, norms — excluded):
+    a = η·‖W‖ / (‖g‖ + λ‖W‖ + eps);  with ``clip``: a = min(a/γ, 1)  (γ: the group's lr)
+    the base update uses a·(g + λW) in place of g + λW.
+The norms are of the anchor. With an extrap_accel optimizer only the averaged gradient of the
+base update is rescaled: this rank's local gradient — and so the extrapolation direction —
+is left as it is (on one process the optimizer reads the unscaled gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .optim.base import ExtrapOptimizer
+
+
+class LARS:
+    """Wrap an optimizer (ExtrapSGD, torch.optim.SGD, ...) with layer-wise adaptive rates."""
+
+    def __init__(self, optimizer, trust_coefficient: float = 0.02, clip: bool = True,
+                 eps: float = 1e-8):  # fmt: skip
+        if not trust_coefficient > 0:
+            raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.optimizer = optimizer
+        base = optimizer
+        while not isinstance(base, ExtrapOptimizer) and hasattr(base, "optimizer"):
+            base = base.optimizer  # accelerate's AcceleratedOptimizer
+        self._extrap = base if isinstance(base, ExtrapOptimizer) else None
+        self.trust_coefficient = trust_coefficient
+        self.clip = clip
+        self.eps = eps
+
+    def __getattr__(self, name):  # param_groups, state, train, eval, step_was_skipped, ...
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __repr__(self) -> str:
+        return f"LARS({self.optimizer!r}, trust_coefficient={self.trust_coefficient})"
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def trust_ratios(self) -> dict[Tensor, float]:
+        """The factor a of every LARS-scaled parameter that has a gradient."""
+        out = {}
+        for group in self.optimizer.param_groups:
+            wd, lr = group.get("weight_decay", 0.0), float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None or p.dim() < 2:
+                    continue
+                w = self._extrap.anchor(p) if self._extrap else p
+                w_norm, g_norm = float(w.norm()), float(p.grad.norm())
+                if w_norm == 0 or g_norm == 0:
+                    continue
+                ratio = self.trust_coefficient * w_norm / (g_norm + wd * w_norm + self.eps)
+                if self.clip:
+                    ratio = min(ratio / lr, 1.0) if lr > 0 else 1.0
+                out[p] = ratio
+        return out
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise RuntimeError("LARS.step does not take a closure: compute the loss first")
+        ratios = self.trust_ratios()
+        originals = {}
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                wd = group.get("weight_decay", 0.0)
+                for p in group["params"]:
+                    a = ratios.get(p)
+                    if a is None:
+                        continue
+                    w = self._extrap.anchor(p) if self._extrap else p
+                    originals[p] = p.grad
+                    # g' = a·g + (a − 1)·λW, so that the optimizer's g' + λW = a·(g + λW)
+                    scaled = p.grad.mul(a)
+                    if wd != 0:
+                        scaled.add_(w, alpha=(a - 1.0) * wd)
+                    p.grad = scaled
+        if self._extrap is not None:  # the local direction keeps the unscaled gradient
+            self._extrap._unscaled_grads = originals
+        try:
+            return self.optimizer.step()
+        finally:
+            if self._extrap is not None:
+                self._extrap._unscaled_grads = None
+            for p, g in originals.items():
+                p.grad = g
