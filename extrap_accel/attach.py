@@ -8,33 +8,44 @@ also in ``model.eval()`` mode (frozen BatchNorm): the signal is grad mode, not m
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .optim.base import ExtrapOptimizer
 
+if TYPE_CHECKING:
+    from .integrations.transformers import ExtrapTrainerCallback
+
 _HANDLE_ATTR = "_extrap_accel_handle"
 
 
 class AttachHandle:
-    """The hooks ``attach`` installed; ``remove()`` takes them off again."""
+    """The hooks ``attach`` installed; ``remove()`` takes them off again.
 
-    def __init__(self, module: nn.Module, optimizer: ExtrapOptimizer):
+    ``source`` knows where the anchor of each parameter is: an extrap_accel optimizer, or a
+    backend adapter (DeepSpeed) with the same four members: ``managed_params()``,
+    ``displaced()``, ``training`` and ``move_anchor_(p, value)``; it may also provide
+    ``anchor_forward()``, a context manager in which the model computes at the anchor.
+    """
+
+    def __init__(self, module: nn.Module, source):
         self.module = module
-        self.optimizer = optimizer
+        self.source = source
         self._names: dict[Tensor, list[str]] = {}
         for name, p in module.named_parameters(remove_duplicate=False):
             self._names.setdefault(p, []).append(name)
-        in_optimizer = {p for g in optimizer.param_groups for p in g["params"]}
-        self._names = {p: n for p, n in self._names.items() if p in in_optimizer}
+        managed = set(source.managed_params())
+        self._names = {p: n for p, n in self._names.items() if p in managed}
         if not self._names:
             raise ValueError(
                 "attach(model, optimizer): none of the model's parameters is in the optimizer; "
                 "build the optimizer from model.parameters() of this model"
             )
-        self._swapped: list[tuple[Tensor, Tensor]] | None = None
+        self._anchor_forward = getattr(source, "anchor_forward", None) or self._swap_pointers
+        self._context = None
         self._depth = 0
         self._handles = [
             module.register_forward_pre_hook(self._pre_forward),
@@ -52,34 +63,48 @@ class AttachHandle:
         if getattr(self.module, _HANDLE_ATTR, None) is self:
             delattr(self.module, _HANDLE_ATTR)
 
-    def _displaced(self) -> list[tuple[Tensor, Tensor]]:
-        return [(p, a) for p, a in self.optimizer.displaced() if p in self._names]
+    @property
+    def optimizer(self):
+        return self.source
 
-    # A no-grad forward sees the anchor: swap tensor pointers (no copy, values untouched) and
-    # swap back after the forward, even if it raises. Nothing an autograd graph saved changes.
-    def _pre_forward(self, module: nn.Module, args: Any) -> None:
-        if self._swapped is not None:
-            self._depth += 1
-            return
-        if torch.is_grad_enabled():
-            return
+    def _displaced(self) -> list[tuple[Tensor, Tensor]]:
+        return [(p, a) for p, a in self.source.displaced() if p in self._names]
+
+    @contextlib.contextmanager
+    def _swap_pointers(self):
+        """Swap tensor pointers (no copy, values untouched) and back, even if the body raises.
+
+        Nothing an autograd graph saved changes: the values are restored before any backward.
+        """
         pairs = self._displaced()
-        if not pairs:
-            return
-        self._swapped = [(p, p.data) for p, _ in pairs]
+        saved = [(p, p.data) for p, _ in pairs]
         for p, anchor in pairs:
             p.data = anchor
+        try:
+            yield
+        finally:
+            for p, data in saved:
+                p.data = data
+
+    # A forward with gradients disabled runs at the anchor; the weights go back afterwards.
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self._context is not None:
+            self._depth += 1
+            return
+        if torch.is_grad_enabled() or not self._displaced():
+            return
+        self._context = self._anchor_forward()
+        self._context.__enter__()
         self._depth = 1
 
     def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._swapped is None:
+        if self._context is None:
             return
         self._depth -= 1
         if self._depth > 0:
             return
-        for p, data in self._swapped:
-            p.data = data
-        self._swapped = None
+        context, self._context = self._context, None
+        context.__exit__(None, None, None)
 
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
         for p, anchor in self._displaced():
@@ -94,29 +119,39 @@ class AttachHandle:
                 "load_state_dict(assign=True) replaces the parameters that the extrap_accel "
                 "optimizer holds; load with assign=False (the default) into an attached model"
             )
-        train = self.optimizer.training
         for p, names in self._names.items():
-            state = self.optimizer.state.get(p)
-            if not state or not ("anchor" in state or "extrapolated" in state):
-                continue
             keys = [prefix + n for n in names if prefix + n in state_dict]
             if not keys:
                 continue
             value = state_dict[keys[0]]
             if not isinstance(value, Tensor) or value.shape != p.shape:
                 continue  # torch's own loading reports the mismatch
-            new_point = self.optimizer.set_anchor_(p, value)
-            if train:  # the parameter must hold x̃: load that instead of the anchor
+            loaded = self.source.move_anchor_(p, value)
+            if loaded is not None:  # what the parameter must hold now (x̃ in train mode)
                 for key in keys:
-                    state_dict[key] = new_point
+                    state_dict[key] = loaded
 
 
-def attach(model: nn.Module, optimizer) -> AttachHandle:
+def attach(model: nn.Module, optimizer=None) -> AttachHandle | ExtrapTrainerCallback:
     """Make ``model`` anchor-safe for ``optimizer`` (an ExtrapSGD / ExtrapAdam).
 
     ``model`` may be a plain module or wrapped in DistributedDataParallel; ``optimizer`` may be
     wrapped by accelerate. Returns the handle (``handle.remove()`` undoes it).
+
+    ``attach(trainer)`` with a ``transformers.Trainer`` (no optimizer argument) makes the Trainer
+    save, evaluate and resume correctly: see ``extrap_accel.integrations.transformers``.
     """
+    if _is_hf_trainer(model):
+        if optimizer is not None:
+            raise TypeError(
+                "attach(trainer) takes no optimizer: it uses the Trainer's (optimizers=... or "
+                "optimizer_cls_and_kwargs=...)"
+            )
+        from .integrations.transformers import attach_trainer
+
+        return attach_trainer(model)
+    if optimizer is None:
+        raise TypeError("attach(model, optimizer): the optimizer is missing")
     module = _unwrap_module(model)
     opt = _unwrap_optimizer(optimizer)
     existing = getattr(module, _HANDLE_ATTR, None)
@@ -131,6 +166,14 @@ def attach(model: nn.Module, optimizer) -> AttachHandle:
     if opt._initial_placement_pending:  # noise variants under a process group: x̃₀ now that
         opt.place_initial_noise()  # the wrapper has broadcast rank 0's weights
     return handle
+
+
+def _is_hf_trainer(obj: Any) -> bool:
+    """A ``transformers.Trainer`` (or subclass), recognised without importing transformers."""
+    return any(
+        cls.__name__ == "Trainer" and cls.__module__.split(".")[0] == "transformers"
+        for cls in type(obj).__mro__
+    )
 
 
 def _unwrap_module(model: Any) -> nn.Module:

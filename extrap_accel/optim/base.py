@@ -56,6 +56,11 @@ class ExtrapOptimizer(Optimizer):
         self._warned_k1_stochastic = False
         self._initial_placement_pending = False
         self._unscaled_grads: dict[Tensor, Tensor] | None = None  # set by LARS during step()
+        # The model's parameters per group, kept because DeepSpeed replaces group["params"].
+        self._model_param_groups = [list(g["params"]) for g in self.param_groups]
+        # Under DeepSpeed ZeRO the groups hold fp32 master partitions = the anchor; step() is
+        # then only the base update, and the engine adapter places x̃ in the model weights.
+        self.base_update_only = False
         # This rank's gradient before the all-reduce; without a process group gᵏ = p.grad.
         self._capture = LocalGradCapture([p for g in self.param_groups for p in g["params"]])
 
@@ -69,6 +74,7 @@ class ExtrapOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_capture"):  # not during __init__
+            self._model_param_groups.append(list(self.param_groups[-1]["params"]))
             self._capture = LocalGradCapture([p for g in self.param_groups for p in g["params"]])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -210,6 +216,22 @@ class ExtrapOptimizer(Optimizer):
         elif state and "extrapolated" in state:
             state["extrapolated"].copy_(new_point)
         return new_point
+
+    def managed_params(self) -> list[Tensor]:
+        """The parameters this optimizer was built with (the model's, also under DeepSpeed)."""
+        return [p for group in self._model_param_groups for p in group]
+
+    @torch.no_grad()
+    def move_anchor_(self, p: Tensor, value: Tensor) -> Tensor | None:
+        """Loading weights into ``p``: the anchor becomes ``value``; returns what ``p`` must hold.
+
+        None if ``p`` carries no displacement (then ``value`` is simply loaded).
+        """
+        state = self.state.get(p)
+        if not state or not ("anchor" in state or "extrapolated" in state):
+            return None
+        new_point = self.set_anchor_(p, value)
+        return new_point if "anchor" in state else value
 
     def _ensure_anchor(self, p: Tensor, state: dict[str, Any]) -> Tensor:
         anchor = state.get("anchor")
@@ -469,7 +491,7 @@ class ExtrapOptimizer(Optimizer):
         self._initial_placement_pending = False
         for group in self.param_groups:
             if group["extrapolation"] in NOISE_EXTRAPOLATIONS:
-                params = [p for p in group["params"] if p.numel() > 0]
+                params = [p for p in group["params"] if p.numel() > 0 and p.requires_grad]
                 anchors = [self._ensure_anchor(p, self.state[p]) for p in params]
                 place_noise_(params, anchors, group=group, generator=self._generator)
 

@@ -31,6 +31,8 @@ def place_noise_(
     gaussian = group["extrapolation"] == "gaussian"
     filterwise = group["filterwise"]
     for p, x in zip(params, anchors):
+        if x.numel() == 0:
+            continue
         if filterwise and x.dim() < 2:
             p.copy_(x)
             continue
