@@ -45,10 +45,14 @@ class AttachHandle:
                 "build the optimizer from model.parameters() of this model"
             )
         self._anchor_forward = getattr(source, "anchor_forward", None) or self._swap_pointers
+        self._needs_anchor_forward = getattr(source, "needs_anchor_forward", None) or (
+            lambda: bool(self._displaced())
+        )
         self._context = None
         self._depth = 0
         self._handles = [
-            module.register_forward_pre_hook(self._pre_forward),
+            # first, before any framework hook gathers or prefetches weights (DeepSpeed ZeRO-3)
+            module.register_forward_pre_hook(self._pre_forward, prepend=True),
             module.register_forward_hook(self._post_forward, always_call=True),
             # torch tags the hook function itself, which a bound method cannot take
             module.register_state_dict_post_hook(lambda *a: self._state_dict_hook(*a)),
@@ -91,7 +95,7 @@ class AttachHandle:
         if self._context is not None:
             self._depth += 1
             return
-        if torch.is_grad_enabled() or not self._displaced():
+        if torch.is_grad_enabled() or not self._needs_anchor_forward():
             return
         self._context = self._anchor_forward()
         self._context.__enter__()
@@ -150,6 +154,10 @@ def attach(model: nn.Module, optimizer=None) -> AttachHandle | ExtrapTrainerCall
         from .integrations.transformers import attach_trainer
 
         return attach_trainer(model)
+    if type(model).__name__ in ("DeepSpeedEngine", "PipelineEngine"):
+        from .integrations.deepspeed import attach_engine
+
+        return attach_engine(model, optimizer)
     if optimizer is None:
         raise TypeError("attach(model, optimizer): the optimizer is missing")
     module = _unwrap_module(model)

@@ -20,9 +20,14 @@ class LocalGradCapture:
     def __init__(self, params: list[Tensor]):
         self.params = [p for p in params if p.requires_grad]
         self.active: bool | None = None  # decided at the first backward
+        self.dtype: torch.dtype | None = None  # accumulate in this dtype (default: the grad's)
         self.buffers: dict[Tensor, Tensor] = {}
         self._fresh: set[Tensor] = set()
         self._handles = [p.register_hook(self._hook(p)) for p in self.params]
+
+    def force_active(self) -> None:
+        """Capture even with one process (a backend that leaves no gradient in ``p.grad``)."""
+        self.active = True
 
     def _decide(self) -> bool:
         if self.active is None:
@@ -38,7 +43,8 @@ class LocalGradCapture:
             with torch.no_grad():
                 buf = self.buffers.get(p)
                 if buf is None:
-                    self.buffers[p] = grad.detach().clone(memory_format=torch.preserve_format)
+                    buf = grad.detach().to(self.dtype or grad.dtype, copy=True)
+                    self.buffers[p] = buf
                 elif p in self._fresh:
                     buf.add_(grad)
                 else:

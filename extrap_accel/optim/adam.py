@@ -94,6 +94,8 @@ class ExtrapAdam(ExtrapOptimizer):
         params = self._params_with_grad(group)
         if not params:
             return
+        if self.base_update_only:
+            return self._base_update(group, params)
         lists: dict[str, list[Tensor]] = {k: [] for k in _STATE_KEYS}
         anchors, grads, local_grads = [], [], []
         for p in params:
@@ -128,6 +130,48 @@ class ExtrapAdam(ExtrapOptimizer):
         )
 
 
+    def _base_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """torch.optim.AdamW's update of ``params`` in place (they are the anchors: DeepSpeed)."""
+        lists: dict[str, list[Tensor]] = {k: [] for k in _STATE_KEYS[:3]}
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for key in lists:
+                lists[key].append(state[key])
+        beta1, beta2 = group["betas"]
+        grads = [p.grad for p in params]
+        none = [None] * len(params)
+        extrap_adam(
+            [torch.empty_like(p) for p in params],  # scratch
+            [p.data for p in params], grads, grads, *(lists[k] for k in _STATE_KEYS[:3]),
+            none, none, lr=float(group["lr"]), extrap_lr=0.0, beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], direction=False,
+            foreach=group["foreach"],
+        )  # fmt: skip
+
+    def _extrapolate_into(self, group, out: Tensor, x: Tensor, gk: Tensor, state: dict,
+                          *, local_coef: float, extrap_lr: float) -> None:  # fmt: skip
+        """out = x − γ̃·d for one tensor from its local gradient and local ``state`` (adapters).
+
+        The local moments are bias-corrected with their own age (``extrap_step``).
+        """
+        if "extrap_exp_avg" not in state:
+            state["extrap_exp_avg"] = torch.zeros_like(x)
+            state["extrap_exp_avg_sq"] = torch.zeros_like(x)
+            state["extrap_step"] = 0
+        state["extrap_step"] += 1
+        beta1, beta2 = group["betas"]
+        step = state["extrap_step"]
+        _adam_direction_(
+            out, x, gk, state["extrap_exp_avg"], state["extrap_exp_avg_sq"], coef=local_coef,
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            extrap_lr=extrap_lr, bc1=1 - beta1**step, bc2_sqrt=(1 - beta2**step) ** 0.5,
+        )  # fmt: skip
+
+
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "extrap_exp_avg", "extrap_exp_avg_sq")
 
 
@@ -153,24 +197,28 @@ def extrap_adam(
     eps: float,
     weight_decay: float,
     local_coef: float = 1.0,
+    direction: bool = True,
     foreach: bool | None = None,
 ) -> None:
     """Functional extrap-Adam step: see :class:`ExtrapAdam` for the math.
 
-    Updates ``anchors`` exactly as ``torch.optim.AdamW`` updates its parameters, then writes
-    x̃ = x − γ̃·d into ``params`` from this rank's ``local_grads`` (scaled by ``local_coef``).
+    Updates ``anchors`` exactly as ``torch.optim.AdamW`` updates its parameters, then
+    (``direction=True``) writes x̃ = x − γ̃·d into ``params`` from this rank's ``local_grads``
+    (scaled by ``local_coef``). ``params`` also serve as scratch space.
     """
     kernel = _single_tensor_extrap_adam if foreach is False else _multi_tensor_extrap_adam
     kernel(
         params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs,
         extrap_exp_avgs, extrap_exp_avg_sqs, lr=lr, extrap_lr=extrap_lr, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, local_coef=local_coef,
+        direction=direction,
     )  # fmt: skip
 
 
 def _single_tensor_extrap_adam(
     params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
     extrap_exp_avg_sqs, *, lr, extrap_lr, beta1, beta2, eps, weight_decay, local_coef,
+    direction,
 ):  # fmt: skip
     # The parameter p holds x̃_t, which is dead once the gradients exist: temporaries go into p.
     for i, x in enumerate(anchors):
@@ -186,6 +234,8 @@ def _single_tensor_extrap_adam(
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         denom = torch.sqrt(v, out=p).div_(bias_correction2_sqrt).add_(eps)
         x.addcdiv_(m, denom, value=-lr / bias_correction1)
+        if not direction:
+            continue
         # Local direction from the new anchor, one cache-sized chunk at a time (CPU).
         tensors = (p, x, local_grads[i], extrap_exp_avgs[i], extrap_exp_avg_sqs[i])
         for chunk in _chunks(tensors):
@@ -215,6 +265,7 @@ def _adam_direction_(p, x, gk, mk, vk, *, coef, beta1, beta2, eps, weight_decay,
 def _multi_tensor_extrap_adam(
     params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
     extrap_exp_avg_sqs, *, lr, extrap_lr, beta1, beta2, eps, weight_decay, local_coef,
+    direction,
 ):  # fmt: skip
     # The parameters hold x̃_t, which is dead once the gradients exist: temporaries go into them.
     for idx in _group_by_device_and_dtype(anchors):
@@ -243,6 +294,8 @@ def _multi_tensor_extrap_adam(
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(X, M, denom, step_size)
         del denom
+        if not direction:
+            continue
         # Local direction from the new anchor, over cache-sized batches of chunks (CPU).
         Gk, Mk, Vk = ([t[i] for i in idx] for t in (local_grads, extrap_exp_avgs, extrap_exp_avg_sqs))
         # m̃/bc1 / (√ṽ/√bc2 + ε) = s·m̃ / (√ṽ + ε·√bc2), s = √bc2/bc1

@@ -59,8 +59,9 @@ class ExtrapOptimizer(Optimizer):
         # The model's parameters per group, kept because DeepSpeed replaces group["params"].
         self._model_param_groups = [list(g["params"]) for g in self.param_groups]
         # Under DeepSpeed ZeRO the groups hold fp32 master partitions = the anchor; step() is
-        # then only the base update, and the engine adapter places x̃ in the model weights.
+        # then only the base update, and the engine adapter (anchor_source) places x̃.
         self.base_update_only = False
+        self.anchor_source = None
         # This rank's gradient before the all-reduce; without a process group gᵏ = p.grad.
         self._capture = LocalGradCapture([p for g in self.param_groups for p in g["params"]])
 
@@ -163,6 +164,11 @@ class ExtrapOptimizer(Optimizer):
         self._set_mode(train=True)
 
     def _set_mode(self, train: bool) -> None:
+        if self.base_update_only:  # the engine adapter owns x̃ and the anchor copies
+            self.anchor_source.set_mode(train)
+            for group in self.param_groups:
+                group["train_mode"] = train
+            return
         held, other = ("extrapolated", "anchor") if train else ("anchor", "extrapolated")
         for group in self.param_groups:
             if group["train_mode"] == train:
@@ -329,7 +335,7 @@ class ExtrapOptimizer(Optimizer):
         """
         if all(group["extrap_max_norm"] is None for group in self.param_groups):
             return {}
-        grads = [self._local_grad(p) for g in self.param_groups for p in g["params"]]
+        grads = [self._local_grad(p) for p in self.managed_params()]
         grads = [g for g in grads if g is not None]
         if not grads:
             return {}

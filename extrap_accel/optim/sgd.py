@@ -120,6 +120,8 @@ class ExtrapSGD(ExtrapOptimizer):
         params = self._params_with_grad(group)
         if not params:
             return
+        if self.base_update_only:
+            return self._base_update(group, params)
         variant = group["extrapolation"]
         if variant == "stochastic":
             self._warn_stochastic_k1()
@@ -167,6 +169,39 @@ class ExtrapSGD(ExtrapOptimizer):
             place_noise_(params, anchors, group=group, generator=self._generator)
         elif variant == "fresh":
             torch._foreach_copy_([p.data for p in params], anchors)
+
+
+    def _base_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """torch.optim.SGD's update of ``params`` in place (they are the anchors: DeepSpeed)."""
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        grads = [p.grad for p in params]
+        extrap_sgd(
+            [torch.empty_like(p) for p in params],  # scratch
+            [p.data for p in params], grads, grads, bufs, [None] * len(params),
+            lr=float(group["lr"]), extrap_lr=0.0, momentum=group["momentum"],
+            extrap_momentum=0.0, weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+            direction=False, foreach=group["foreach"],
+        )  # fmt: skip
+        for p, buf in zip(params, bufs):
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = buf
+
+    def _extrapolate_into(self, group, out: Tensor, x: Tensor, gk: Tensor, state: dict,
+                          *, local_coef: float, extrap_lr: float) -> None:  # fmt: skip
+        """out = x − γ̃·d for one tensor from its local gradient and local ``state`` (adapters)."""
+        momentum = group["extrap_momentum"]
+        if momentum is None:
+            momentum = group["momentum"]
+        ubuf, first = None, False
+        if momentum != 0:
+            ubuf = state.get("extrap_momentum_buffer")
+            if ubuf is None:
+                ubuf = state["extrap_momentum_buffer"] = torch.empty_like(x)
+                first = True
+        _sgd_direction_(
+            out, x, gk, ubuf, coef=local_coef, weight_decay=group["weight_decay"],
+            momentum=momentum, nesterov=group["nesterov"], extrap_lr=extrap_lr, first=first,
+        )  # fmt: skip
 
 
 def extrap_sgd(

@@ -1,0 +1,477 @@
+"""DeepSpeed engines: where x̃ lives at each ZeRO stage.
+
+``attach(engine, optimizer)`` (or ``extrap_accel.prepare`` under accelerate with a DeepSpeed
+config) installs a :class:`DeepSpeedExtrapolation` adapter:
+
+- ZeRO-0 in fp32: DeepSpeed steps the model weights themselves with our optimizer ("direct"):
+  the optimizer keeps its anchor copy and x̃ exactly as on one process.
+- ZeRO-0 bf16 and ZeRO-1/2 (any precision): DeepSpeed's fp32 master (this rank's partition)
+  is the anchor; our optimizer does only the base update on it. After each applied
+  ``engine.step()`` DeepSpeed has written the anchor into every rank's full bit16 weights; the
+  adapter keeps a bit16 copy of it, computes this rank's local direction in fp32 from its own
+  captured gradient and local moments, and writes x̃ = x − γ̃·d into the weights, rounded once.
+  The next step overwrites the weights from the master again, so nothing stacks.
+- ZeRO-3: weights are sharded (``p.ds_tensor``). Each rank perturbs the shard it owns with the
+  slice of its own local direction, so all ranks compute at the same *mixed* point
+  x + [δ⁰ on shard 0 | δ¹ on shard 1 | …]. This holds for every parameter, also those kept
+  whole by ``stage3_param_persistence_threshold``: the shards are perturbed inside the step,
+  before DeepSpeed all-gathers the persistent parameters, so no communication is added and
+  every later re-gather (DeepSpeed re-gathers in backward when it re-traces) sees the same
+  point.
+
+Only the anchor is ever evaluated or saved: no-grad forwards, ``engine.module.state_dict()``,
+``save_checkpoint`` / ``load_checkpoint`` and ZeRO-3's consolidated state dict run with the
+anchor in the weights; each rank saves its own x̃ and local state beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..optim.base import NOISE_EXTRAPOLATIONS, ExtrapOptimizer
+
+# variant / option -> ZeRO stages where it is correct (README, section "DeepSpeed")
+SUPPORT = {
+    "past": (0, 1, 2, 3),
+    "gaussian": (0, 1, 2, 3),
+    "uniform": (0, 1, 2, 3),
+    "filterwise": (0, 1, 2),  # needs whole tensors (filter norms)
+    "stochastic": (0,),  # needs the full averaged gradient, which ZeRO-1/2/3 never materialize
+    "fresh": (),  # a second backward would run DeepSpeed's reduction
+}
+
+
+_LOCAL_KEYS = ("extrap_momentum_buffer", "extrap_exp_avg", "extrap_exp_avg_sq", "extrap_step")
+
+
+def local_state_path(checkpoint_dir: str, rank: int) -> str:
+    return os.path.join(checkpoint_dir, f"extrap_accel_rank{rank}.pt")
+
+
+def check_supported(engine, optimizer: ExtrapOptimizer) -> None:
+    """Fail at setup, with what to do instead, for every combination that cannot be correct."""
+    stage = engine.zero_optimization_stage()
+    name = type(engine).__name__
+    if name == "PipelineEngine" or hasattr(engine, "is_pipe_parallel") and engine.is_pipe_parallel:
+        raise NotImplementedError(
+            "extrap_accel does not support DeepSpeed pipeline parallelism: use data "
+            "parallelism (ZeRO-0/1/2/3) without a PipelineModule"
+        )
+    if engine.zero_offload_optimizer() or getattr(engine, "zero_offload_param", lambda: None)():
+        raise NotImplementedError(
+            "extrap_accel does not support ZeRO offload (the optimizer step would run on the "
+            "CPU copy, out of reach of the per-rank extrapolation): remove offload_optimizer / "
+            "offload_param from the DeepSpeed config"
+        )
+    if stage == 0 and engine.fp16_enabled():
+        raise NotImplementedError(
+            "DeepSpeed ZeRO-0 with fp16 is broken upstream (the loss is never scaled in "
+            "backward while step() unscales; DeepSpeed PR #8393): use bf16, or fp16 with "
+            "ZeRO stage 1 or 2"
+        )
+    for group in optimizer.param_groups:
+        variant = "filterwise" if group.get("filterwise") else group["extrapolation"]
+        if stage not in SUPPORT[variant]:
+            allowed = ", ".join(map(str, SUPPORT[variant])) or "none"
+            raise NotImplementedError(
+                f"extrapolation={variant!r} is not correct at DeepSpeed ZeRO stage {stage} "
+                f"(supported stages: {allowed}); use extrapolation='past' or change the stage"
+            )
+    direct = stage == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+    if not direct and type(engine.optimizer).__name__ == "LARS":
+        raise NotImplementedError("LARS needs per-tensor norms: use it at ZeRO-0 in fp32 only")
+
+
+class DeepSpeedExtrapolation:
+    """The engine adapter; also the anchor source of the module's :class:`AttachHandle`."""
+
+    def __init__(self, engine, optimizer: ExtrapOptimizer):
+        check_supported(engine, optimizer)
+        self.engine = engine
+        self.optimizer = optimizer
+        self.stage = engine.zero_optimization_stage()
+        self.fp16 = engine.fp16_enabled()
+        self.direct = self.stage == 0 and not (self.fp16 or engine.bfloat16_enabled())
+        self.state: dict[Tensor, dict[str, Any]] = {}
+        self.training = True
+        self.rounded = [0, 0]  # elements of δ ≠ 0 that rounded to nothing / elements of δ ≠ 0
+        if self.direct:
+            scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+            if scaler is not None:
+                optimizer.set_grad_scaler(scaler)
+        else:
+            optimizer.base_update_only = True
+            optimizer.anchor_source = self
+            optimizer._capture.dtype = torch.float32
+            optimizer._capture.force_active()
+        self._original = {}
+        self._wrap("step", self._step)
+        self._wrap("save_checkpoint", self._save_checkpoint)
+        self._wrap("load_checkpoint", self._load_checkpoint)
+        self._pending: tuple | None = None
+        if self.stage == 3:
+            self._wrap("_zero3_consolidated_16bit_state_dict", self._with_anchor_in_weights)
+            zero = engine.optimizer
+            post_step = zero._post_step
+
+            def _post_step(*args, **kwargs):  # fp32 master → shards done, persistent not gathered
+                if self._pending is not None:
+                    self._place(*self._pending)
+                    self._pending = None
+                return post_step(*args, **kwargs)
+
+            zero._post_step = _post_step
+
+    def _wrap(self, name: str, method) -> None:
+        original = getattr(self.engine, name)
+        self._original[name] = original
+
+        def wrapper(*args, **kwargs):
+            return method(original, *args, **kwargs)
+
+        setattr(self.engine, name, wrapper)
+
+    # ---------------------------------------------------------------- anchor source protocol
+    def managed_params(self) -> list[Tensor]:
+        return self.optimizer.managed_params()
+
+    def displaced(self) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, anchor) for the whole tensors holding x̃ (ZeRO-0/1/2, persistent ZeRO-3)."""
+        if not self.training:
+            return []
+        return [(p, s["anchor"]) for p, s in self.state.items()
+                if "anchor" in s and not self._sharded(p)]  # fmt: skip
+
+    def move_anchor_(self, p: Tensor, value: Tensor) -> Tensor | None:
+        if p in self.state and "anchor" in self.state[p]:
+            raise RuntimeError(
+                "loading weights into a DeepSpeed model with module.load_state_dict would leave "
+                "DeepSpeed's fp32 master (the anchor) unchanged: load with "
+                "engine.load_checkpoint / accelerator.load_state"
+            )
+        return None
+
+    @contextlib.contextmanager
+    def anchor_forward(self):
+        with self.anchor_in_weights():
+            yield
+
+    def set_mode(self, train: bool) -> None:
+        """optimizer.eval()/train() under DeepSpeed: the anchor into the weights, or x̃ back."""
+        if train != self.training:
+            self._swap_all()
+            self.training = train
+
+    # ---------------------------------------------------------------- inspection
+    def anchor(self, p: Tensor) -> Tensor:
+        """The anchor this rank holds for ``p`` (whole, or its ZeRO-3 shard); bit16 off direct."""
+        if self.direct:
+            return self.optimizer.anchor(p)
+        state = self.state.get(p)
+        if state is None or "anchor" not in state:
+            return self._target(p)
+        return state["anchor"] if self.training else self._target(p)
+
+    def point(self, p: Tensor) -> Tensor:
+        """This rank's x̃ of ``p`` as its forward reads it (whole, or its ZeRO-3 shard)."""
+        if self.direct:
+            return self.optimizer.extrapolated(p)
+        state = self.state.get(p)
+        if not self.training and state is not None and "anchor" in state:
+            return state["anchor"]
+        return self._target(p)
+
+    def local_state(self, p: Tensor) -> dict[str, Any]:
+        """This rank's local extrapolation state of ``p`` (local moments)."""
+        state = self.optimizer.state if self.direct else self.state
+        return {k: v for k, v in state.get(p, {}).items() if k in _LOCAL_KEYS}
+
+    # ---------------------------------------------------------------- where the weights are
+    @staticmethod
+    def _sharded(p: Tensor) -> bool:
+        return hasattr(p, "ds_tensor")
+
+    def _regather_persistent(self) -> None:
+        """ZeRO-3 keeps small parameters gathered: refresh them from the shards (collective)."""
+        persistent = getattr(self.engine.optimizer, "persistent_parameters", None)
+        if self.stage == 3 and persistent:
+            persistent[0].all_gather(persistent)
+
+    def _shard_range(self, p: Tensor) -> tuple[int, int]:
+        """[start, start + n) of the flattened ``p`` held by this rank's shard (ZeRO-3)."""
+        size = p.ds_tensor.ds_numel
+        start = size * self.optimizer.rank
+        return start, max(0, min(size, p.ds_numel - start))
+
+    def _target(self, p: Tensor) -> Tensor:
+        """The tensor this rank holds of ``p``: whole weights, or its ZeRO-3 shard."""
+        if not self._sharded(p):
+            return p.data
+        return p.ds_tensor.view(-1)[: self._shard_range(p)[1]]
+
+    def _local_slice(self, p: Tensor, local_grad: Tensor) -> Tensor:
+        """The part of this rank's local gradient that matches ``_target(p)``."""
+        if not self._sharded(p):
+            return local_grad
+        start, n = self._shard_range(p)
+        return local_grad.view(-1)[start : start + n]
+
+    def _swap_all(self) -> None:
+        for p, s in self.state.items():
+            if "anchor" in s:
+                target = self._target(p)
+                tmp = target.clone()
+                target.copy_(s["anchor"])
+                s["anchor"].copy_(tmp)
+        self._regather_persistent()
+
+    def needs_anchor_forward(self) -> bool:
+        return self.training and any("anchor" in s for s in self.state.values())
+
+    @contextlib.contextmanager
+    def anchor_in_weights(self):
+        """The anchor in the weights inside the block, x̃ back afterwards (exact swaps)."""
+        swap = self.needs_anchor_forward()
+        if swap:
+            self.set_mode(False)  # also tells the module hooks there is nothing to substitute
+        try:
+            yield
+        finally:
+            if swap:
+                self.set_mode(True)
+
+    def _with_anchor_in_weights(self, original, *args, **kwargs):
+        with self.anchor_in_weights():
+            return original(*args, **kwargs)
+
+    # ---------------------------------------------------------------- the step
+    def _step(self, original, *args, **kwargs):
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and not self.training:
+            raise RuntimeError(
+                "engine.step() in eval mode (the weights hold the anchor): call "
+                "optimizer.train() before training again"
+            )
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]  # the rates of this update
+        # the scale this step's backward used (DeepSpeed changes it in step() on overflow)
+        scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0)) if self.fp16 else 1.0
+        if boundary and self.stage == 3:
+            self._pending = (lrs, scale)  # placed inside the step, see _post_step
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self._pending = None
+        if boundary:
+            overflow = bool(getattr(self.engine.optimizer, "overflow", False))
+            if not self.direct and not overflow and self.stage < 3:
+                self._place(lrs, scale)
+            self.optimizer._capture.reset()
+        return out
+
+    @torch.no_grad()
+    def _place(self, lrs: list[float], scale: float) -> None:
+        """x̃ = x − γ̃·d (or x + ξ) from the fresh anchor DeepSpeed just wrote, rounded once."""
+        opt = self.optimizer
+        opt._resolve_world_size()
+        if scale != 1.0:  # fp16: the hooks saw the scaled gradient
+            grads = [g for p in opt.managed_params() if (g := opt._capture.get(p)) is not None]
+            if grads:
+                torch._foreach_mul_(grads, 1.0 / scale)
+        coefs = opt._local_clip_coef()
+        for i, (group, params, lr) in enumerate(zip(opt.param_groups, opt._model_param_groups,
+                                                    lrs)):  # fmt: skip
+            gamma = opt._extrap_lr(group, lr)
+            for p in params:
+                local = opt._capture.get(p)
+                if local is None:
+                    continue
+                target, gk = self._target(p), self._local_slice(p, local)
+                if target.numel() == 0:
+                    continue
+                state = self.state.setdefault(p, {})
+                anchor = state.get("anchor")
+                if anchor is None:
+                    anchor = state["anchor"] = target.clone()
+                else:
+                    anchor.copy_(target)
+                x = anchor.float()
+                out = torch.empty_like(x)
+                if group["extrapolation"] in NOISE_EXTRAPOLATIONS:
+                    from ..optim.directions import place_noise_
+
+                    place_noise_([out], [x], group=group, generator=opt._generator)
+                else:
+                    opt._extrapolate_into(group, out, x, gk.float(), state,
+                                          local_coef=coefs.get(i, 1.0), extrap_lr=gamma)  # fmt: skip
+                if anchor.dtype != torch.float32:
+                    moved = out != x
+                    self.rounded[0] += int((moved & (out.to(anchor.dtype) == anchor)).sum())
+                    self.rounded[1] += int(moved.sum())
+                target.copy_(out)
+
+    @property
+    def rounded_to_zero_fraction(self) -> float:
+        """Fraction of the displacement's nonzero elements that rounding to bit16 erased."""
+        return self.rounded[0] / self.rounded[1] if self.rounded[1] else 0.0
+
+    # ---------------------------------------------------------------- checkpoints
+    def local_state_dict(self) -> dict[str, Any]:
+        """This rank's x̃ (whole or its shard) and local state, keyed by parameter index."""
+        if self.direct:
+            return self.optimizer.local_state_dict()
+        index = {p: i for i, p in enumerate(self.optimizer.managed_params())}
+        state = {}
+        for p, s in self.state.items():
+            if "anchor" not in s:
+                continue
+            target = self._target(p)
+            point = target if self.training else s["anchor"]
+            state[index[p]] = {**{k: v for k, v in s.items() if k != "anchor"},
+                               "extrapolated": point.clone()}  # fmt: skip
+        opt = self.optimizer
+        return {
+            "format": 1, "rank": opt.rank, "stage": self.stage, "state": state,
+            "world_size": opt._world_size or opt._checkpoint_world_size,
+            "generators": {str(d): g.get_state() for d, g in opt._generators.items()},
+        }  # fmt: skip
+
+    @torch.no_grad()
+    def load_local_state_dict(self, local: dict[str, Any]) -> None:
+        if self.direct:
+            return self.optimizer.load_local_state_dict(local)
+        opt = self.optimizer
+        if local.get("rank") != opt.rank or local.get("stage") != self.stage:
+            raise ValueError(
+                f"this local extrapolation state was saved by rank {local.get('rank')} at ZeRO "
+                f"stage {local.get('stage')}; this is rank {opt.rank} at stage {self.stage}"
+            )
+        params = opt.managed_params()
+        self.state.clear()
+        for idx, entry in local["state"].items():
+            p = params[int(idx)]
+            target = self._target(p)
+            state = self.state[p] = {"anchor": target.clone()}  # the weights hold the anchor now
+            for key, value in entry.items():
+                if key == "extrapolated":
+                    target.copy_(value)
+                elif torch.is_tensor(value):
+                    state[key] = value.to(target.device, copy=True)
+                else:
+                    state[key] = value
+        self.training = True
+        self._regather_persistent()
+        opt._checkpoint_world_size = local.get("world_size")
+        opt._generators.clear()
+        opt._pending_generator_states = {d: s.clone() for d, s in local["generators"].items()}
+
+    def _save_checkpoint(self, original, save_dir, tag=None, *args, **kwargs):
+        if tag is None:
+            tag = f"global_step{self.engine.global_steps}"
+        local = self.local_state_dict()
+        context = contextlib.nullcontext() if self.direct else self.anchor_in_weights()
+        with context:  # (direct: the module's state-dict hook already substitutes the anchor)
+            out = original(save_dir, tag, *args, **kwargs)
+        path = local_state_path(os.path.join(save_dir, str(tag)), self.optimizer.rank)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(local, path)
+        return out
+
+    def _load_checkpoint(self, original, load_dir, tag=None, *args, **kwargs):
+        if not self.direct:
+            # Never let a load path copy x̃ from the weights into the master: the anchor goes
+            # back into the weights, and x̃ comes back below from this rank's own file.
+            if self.training:
+                self._swap_all()
+            self.state.clear()
+            self.training = True
+        result = original(load_dir, tag, *args, **kwargs)
+        path, _ = result if isinstance(result, tuple) else (result, None)
+        if path is None:
+            return result
+        local_path = local_state_path(os.path.dirname(path) if os.path.isfile(path) else path,
+                                      self.optimizer.rank)  # fmt: skip
+        if os.path.exists(local_path):
+            self.load_local_state_dict(torch.load(local_path, map_location="cpu",
+                                                  weights_only=True))  # fmt: skip
+        return result
+
+
+def attach_engine(engine, optimizer=None):
+    """Install the adapter on a DeepSpeed engine and make its module anchor-safe."""
+    from ..attach import AttachHandle, _unwrap_optimizer
+
+    opt = _unwrap_optimizer(optimizer if optimizer is not None else engine.optimizer)
+    existing = getattr(engine, "_extrap_accel_adapter", None)
+    if existing is not None:
+        if existing.optimizer is opt:
+            return existing
+        raise RuntimeError("this DeepSpeed engine is already attached to another optimizer")
+    adapter = DeepSpeedExtrapolation(engine, opt)
+    engine._extrap_accel_adapter = adapter
+    adapter.handle = AttachHandle(engine.module, opt if adapter.direct else adapter)
+    if opt._initial_placement_pending and adapter.direct:
+        opt.place_initial_noise()
+    return adapter
+
+
+# DeepSpeed JSON "optimizer" types that name ours (class names and registry names)
+def _our_optimizer_name(type_name: str) -> str | None:
+    from ..optim.registry import list_optimizers
+
+    aliases = {"ExtrapSGD": "extrap_sgd", "ExtrapAdam": "extrap_adam"}
+    name = aliases.get(type_name, type_name)
+    return name if name in list_optimizers() and name.startswith("extrap") else None
+
+
+def initialize(model, config, optimizer=None, model_parameters=None, **kwargs):
+    """``deepspeed.initialize`` that also builds an extrap_accel optimizer named in the config.
+
+    ``"optimizer": {"type": "ExtrapSGD", "params": {...}}`` (or any ``extrap_*`` registry name)
+    is built by the library (DeepSpeed only knows its built-in names), ZeRO's
+    ``zero_allow_untested_optimizer`` is set, and the engine is attached. Returns what
+    ``deepspeed.initialize`` returns.
+    """
+    import json
+
+    import deepspeed
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    from ..attach import _unwrap_optimizer
+    from ..optim.registry import create_optimizer
+
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            config = json.load(f)
+    config = dict(config)
+    spec = config.get("optimizer")
+    if optimizer is None and spec is not None:
+        type_name = spec.get("type", "")
+        ours = _our_optimizer_name(type_name)
+        if ours is not None:
+            config.pop("optimizer")
+            params = model_parameters if model_parameters is not None else model.parameters()
+            optimizer = create_optimizer(ours, params, **spec.get("params", {}))
+        elif type_name.lower() not in DEEPSPEED_OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer type {type_name!r} in the DeepSpeed config: use one of "
+                f"ExtrapSGD, ExtrapAdam, the extrap_accel registry names "
+                f"(extrap_accel.list_optimizers()) or a DeepSpeed built-in "
+                f"({', '.join(sorted(DEEPSPEED_OPTIMIZERS))})"
+            )
+    extrap = optimizer is not None
+    try:
+        _unwrap_optimizer(optimizer)
+    except TypeError:
+        extrap = False
+    if extrap:
+        config.setdefault("zero_allow_untested_optimizer", True)
+    out = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                               model_parameters=model_parameters, **kwargs)  # fmt: skip
+    if extrap:
+        attach_engine(out[0], optimizer)
+    return out

@@ -1,0 +1,361 @@
+"""Every DeepSpeed check, run on each rank of one real launch over several engine configs.
+
+    deepspeed --num_gpus 2 --no_local_rank tests/distributed/deepspeed_worker.py \
+        --configs z0-fp32 z1-bf16 ... --out /tmp/results
+
+Each configuration builds fresh engines in the same processes (the process group is shared).
+Each rank writes ``<out>/deepspeed_<tag>_rank<r>.json``; tests/test_deepspeed.py asserts on it.
+fp16 runs on the CPU through the switch in DESIGN.md (DeepSpeed's CPU accelerator refuses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import extrap_accel  # noqa: E402
+
+LR, MOMENTUM, WD = 0.05, 0.9, 1e-2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if CUDA else torch.device("cpu")
+
+
+def ds_config(stage: int, precision: str, threshold: int | None = 0) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    if stage == 3 and threshold is not None:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    if precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 1000,
+                       "hysteresis": 1}
+    return cfg
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def batch(rank: int, step: int, dtype):
+    g = torch.Generator().manual_seed(10_000 * step + rank)
+    return (torch.randn(4, 6, generator=g).to(DEVICE, dtype),
+            torch.randn(4, 3, generator=g).to(DEVICE, dtype))
+
+
+def gather(t: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def build(stage, precision, threshold=0, optimizer="extrap_sgd", seed=0, **kwargs):
+    import deepspeed
+
+    model = make_model(seed)
+    if optimizer == "torch_sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                              weight_decay=WD)
+    elif optimizer == "torch_adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=WD)
+    elif optimizer == "extrap_adam":
+        opt = extrap_accel.ExtrapAdam(model.parameters(), lr=1e-2, weight_decay=WD, **kwargs)
+    else:
+        kw = dict(lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
+        kw.update(kwargs)
+        opt = extrap_accel.ExtrapSGD(model.parameters(), **kw)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                      config=ds_config(stage, precision, threshold))
+    adapter = None
+    if isinstance(opt, extrap_accel.ExtrapOptimizer):
+        adapter = extrap_accel.attach(engine, opt)
+    return engine, opt, adapter
+
+
+def train_step(engine, rank, t, dtype, inf=False):
+    x, y = batch(rank, t, dtype)
+    loss = nn.functional.mse_loss(engine(x), y)
+    if inf:
+        loss = loss * float("inf")
+    engine.backward(loss)
+    engine.step()
+    return float(loss)
+
+
+def fp32_anchor(p, adapter=None):
+    """The whole anchor in fp32: DeepSpeed's master, else the optimizer's or adapter's copy."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if adapter is not None and adapter.direct:
+        return adapter.anchor(p).float().clone()
+    full = safe_get_full_fp32_param(p)
+    if full is None:  # ZeRO-0 bf16 keeps no hp mapping: the adapter's bit16 copy of it
+        full = adapter.anchor(p) if adapter is not None else p.data
+    return full.detach().float().clone()
+
+
+def ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of the bit16 (or fp32) grid at |t|."""
+    finfo = torch.finfo(t.dtype)
+    mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[t.dtype]
+    e = torch.floor(torch.log2(t.float().abs().clamp_min(finfo.tiny)))
+    return torch.exp2(e - mant)
+
+
+def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_at=None):
+    """I4 (x̃ differs across ranks by −γ̃(d⁰−d¹), each d from its own gradients), I6, anchors."""
+    rank, dtype = dist.get_rank(), DTYPES[precision]
+    engine, opt, adapter = build(stage, precision, threshold)
+    params = list(engine.module.parameters())
+    sharded = stage == 3 and threshold == 0
+    u = [None] * len(params)  # each rank's own float64 local momentum, for the expected x̃
+    r = {k: [] for k in ("i4_err_ulps", "i6_err", "anchors_equal", "points_differ",
+                         "mixed_point_consistent", "skipped", "unchanged_after_skip")}
+    for t in range(steps):
+        x, y = batch(rank, t, dtype)
+        loss = nn.functional.mse_loss(engine(x), y)
+        if overflow_at == t and rank == 0:
+            loss = loss * float("inf")
+        engine.backward(loss)
+        from deepspeed.utils import safe_get_full_grad
+
+        scale = float(getattr(engine.optimizer, "loss_scale", 1.0)) if precision == "fp16" else 1
+        local = [opt.local_grad(p).double() / scale for p in params]
+        averaged = [safe_get_full_grad(p) for p in params]
+        before = ([adapter.point(p).clone() for p in params], [fp32_anchor(p, adapter) for p in params],
+                  {p: {k: v.clone() for k, v in adapter.local_state(p).items()
+                       if torch.is_tensor(v)} for p in params})
+        engine.step()
+        skipped = not engine.was_step_applied()
+        r["skipped"].append(skipped)
+        if skipped:
+            r["unchanged_after_skip"].append(
+                all(torch.equal(adapter.point(p), b) for p, b in zip(params, before[0]))
+                and all(torch.equal(fp32_anchor(p, adapter), b) for p, b in zip(params, before[1]))
+                and all(torch.equal(adapter.local_state(p)[k], v) for p, s in before[2].items()
+                        for k, v in s.items()))
+            continue
+        if averaged[0] is not None and not math.isinf(scale):
+            mean_local = [torch.stack(gather(g)).mean(0) for g in local]
+            r["i6_err"].append(max(float((m - a.double() / scale).abs().max()
+                                         / (a.double() / scale).abs().max().clamp_min(1e-12))
+                                   for m, a in zip(mean_local, averaged)))  # relative
+        # this rank's expected x̃ from its own gradients, around the anchor the adapter holds
+        errs, own, differ = [], [], False
+        for i, p in enumerate(params):
+            anchor_t = adapter.anchor(p)
+            anchor = anchor_t.double()
+            g = adapter._local_slice(p, local[i]).view_as(anchor)
+            h = g + WD * anchor
+            u[i] = h.clone() if u[i] is None else MOMENTUM * u[i] + h
+            expected = anchor - opt._extrap_lr(opt.param_groups[0]) * (h + MOMENTUM * u[i])
+            point = adapter.point(p).double()
+            tol = ulp(anchor_t).double() if dtype != torch.float32 else 1e-6
+            err = point - expected.to(anchor_t.dtype).double()
+            own.append(float((err.abs() / tol).max()) if err.numel() else 0.0)
+            if not adapter._sharded(p):  # I4 across ranks (sharded ZeRO-3: a mixed point)
+                diff = gather(err)
+                errs.append(float(((diff[0] - diff[1]).abs() / tol).max()))
+                pts = gather(point)
+                differ |= not torch.equal(pts[0], pts[1])
+        r["i4_err_ulps"].append(max(errs, default=0.0))
+        r.setdefault("own_err_ulps", []).append(max(own))
+        r["points_differ"].append(differ)
+        r["anchors_equal"].append(all(torch.equal(*gather(fp32_anchor(p, adapter))) for p in params))
+        if sharded:  # all ranks compute at one mixed point: each shard from its owner
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                full = [p.data.clone() for p in params]
+            ok = True
+            for p, f in zip(params, full):
+                same = gather(f)
+                ok &= torch.equal(same[0], same[1])
+                n = p.ds_tensor.ds_numel
+                mine = adapter.point(p).reshape(-1)
+                owner = gather(nn.functional.pad(mine, (0, n - mine.numel())))
+                for k, shard in enumerate(owner):
+                    m = max(0, min(n, f.numel() - k * n))
+                    ok &= torch.equal(f.view(-1)[k * n: k * n + m], shard[:m])
+            r["mixed_point_consistent"].append(ok)
+    r["rounded_to_zero_fraction"] = adapter.rounded_to_zero_fraction
+    results["extrapolation"] = r
+    return engine, opt, adapter
+
+
+def check_i1(stage, precision, threshold, results, adam=False):
+    """extrap_scale = 0 equals DeepSpeed with torch's optimizer, bit for bit."""
+    rank, dtype = dist.get_rank(), DTYPES[precision]
+    ours = build(stage, precision, threshold, "extrap_adam" if adam else "extrap_sgd",
+                 extrap_scale=0.0)[0]
+    theirs = build(stage, precision, threshold, "torch_adamw" if adam else "torch_sgd")[0]
+    for t in range(4):
+        train_step(ours, rank, t, dtype)
+        train_step(theirs, rank, t, dtype)
+    a = [fp32_anchor(p) for p in ours.module.parameters()]
+    b = [fp32_anchor(p) for p in theirs.module.parameters()]
+    results["i1_adam" if adam else "i1_sgd"] = all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def check_saving_and_resume(stage, precision, threshold, results, tmp):
+    rank, dtype = dist.get_rank(), DTYPES[precision]
+    engine, opt, adapter = build(stage, precision, threshold)
+    params = list(engine.module.parameters())
+    for t in range(3):
+        train_step(engine, rank, t, dtype)
+    out = {}
+    # what a user saves or evaluates is the anchor
+    if stage < 3:
+        sd = engine.module.state_dict()
+        out["module_state_dict_is_anchor"] = all(
+            torch.equal(sd[n], adapter.anchor(p))
+            for n, p in engine.module.named_parameters())
+    else:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+        if rank == 0:
+            out["consolidated_is_anchor"] = all(
+                torch.equal(sd[n].float(), fp32_anchor(p, adapter).to(sd[n].dtype).float())
+                for n, p in engine.module.named_parameters())
+        else:
+            [fp32_anchor(p, adapter) for p in params]  # collective: match rank 0
+            out["consolidated_is_anchor"] = True
+    x, _ = batch(rank, 99, dtype)
+    plain = make_model().to(DEVICE, dtype)
+    plain.load_state_dict({n: fp32_anchor(p, adapter).to(dtype).view(dict(plain.named_parameters())[n]
+                                                              .shape)
+                           for n, p in engine.module.named_parameters()})
+    with torch.no_grad():
+        evaluated = engine(x)
+    out["no_grad_forward_is_anchor"] = bool(torch.allclose(evaluated.float(), plain(x).float(),
+                                                           rtol=0, atol=0))
+    points = [adapter.point(p).clone() for p in params]
+    out["weights_still_extrapolated"] = any(
+        not torch.equal(pt, adapter.anchor(p)) for pt, p in zip(points, params))
+    # save, continue, and compare with a fresh engine resumed from the checkpoint
+    ckpt = os.path.join(tmp, f"ckpt_{stage}_{precision}_{threshold}")
+    engine.save_checkpoint(ckpt, tag="t3")
+    out["local_file"] = os.path.exists(os.path.join(ckpt, "t3", f"extrap_accel_rank{rank}.pt"))
+    out["unchanged_by_save"] = all(torch.equal(adapter.point(p), pt)
+                                   for p, pt in zip(params, points))
+
+    def trace(engine, adapter):
+        rows = []
+        for t in range(3, 6):
+            train_step(engine, rank, t, dtype)
+            ps = list(engine.module.parameters())
+            rows.append([adapter.point(p).clone() for p in ps]
+                        + [fp32_anchor(p, adapter) for p in ps])
+        return rows
+
+    expected = trace(engine, adapter)
+    engine2, opt2, adapter2 = build(stage, precision, threshold, seed=7)
+    engine2.load_checkpoint(ckpt, tag="t3")
+    got = trace(engine2, adapter2)
+    out["resume_bit_identical"] = all(torch.equal(a, b) for e, g in zip(expected, got)
+                                      for a, b in zip(e, g))
+    out["resume_mismatches"] = [(t, j) for t, (e, g) in enumerate(zip(expected, got))
+                                for j, (a, b) in enumerate(zip(e, g)) if not torch.equal(a, b)]
+    results["saving"] = out
+
+
+def check_config_named_optimizer(results):
+    from extrap_accel.integrations.deepspeed import initialize
+
+    cfg = ds_config(1, "bf16")
+    cfg["optimizer"] = {"type": "ExtrapSGD", "params": {"lr": LR, "momentum": MOMENTUM}}
+    engine, optimizer, *_ = initialize(model=make_model(), config=cfg)
+    results["config_named"] = {
+        "type": type(engine._extrap_accel_adapter.optimizer).__name__,
+        "lr": engine._extrap_accel_adapter.optimizer.param_groups[0]["lr"],
+    }
+    cfg["optimizer"] = {"type": "NoSuchOptimizer", "params": {"lr": 0.1}}
+    try:
+        initialize(model=make_model(), config=cfg)
+        results["config_unknown_error"] = ""
+    except ValueError as e:
+        results["config_unknown_error"] = str(e)
+
+
+def check_refusals(results):
+    out = {}
+    for name, kwargs in (("z0_fp16", dict(stage=0, precision="fp16")),
+                         ("z2_stochastic", dict(stage=2, precision="bf16",
+                                                extrapolation="stochastic")),
+                         ("z3_filterwise", dict(stage=3, precision="bf16",
+                                                extrapolation="uniform", filterwise=True,
+                                                noise_scale=1e-3)),
+                         ("fresh", dict(stage=1, precision="fp32", extrapolation="fresh"))):
+        try:
+            build(**kwargs)
+            out[name] = ""
+        except (NotImplementedError, ValueError) as e:
+            out[name] = str(e)
+    results["refusals"] = out
+
+
+def run_config(tag: str, results: dict, tmp: str) -> None:
+    stage_s, precision, *rest = tag.split("-")
+    stage = int(stage_s[1:])
+    threshold = None if rest == ["default"] else 0
+    results["stage"], results["precision"] = stage, precision
+    overflow_at = 2 if precision == "fp16" else None
+    check_extrapolation(stage, precision, threshold, results, steps=5 if overflow_at else 4,
+                        overflow_at=overflow_at)
+    if precision != "fp16":
+        check_i1(stage, precision, threshold, results)
+        if stage in (0, 2):
+            check_i1(stage, precision, threshold, results, adam=True)
+    check_saving_and_resume(stage, precision, threshold, results, tmp)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", nargs="+", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not CUDA:
+        get_accelerator().is_fp16_supported = lambda: True  # DeepSpeed's fp16 paths on CPU
+    deepspeed.init_distributed(dist_backend="nccl" if CUDA else "gloo")
+    rank = dist.get_rank()
+    tmp = [tempfile.mkdtemp(prefix="extrap_ds_")]
+    dist.broadcast_object_list(tmp, src=0)
+    os.makedirs(args.out, exist_ok=True)
+    for tag in args.configs:
+        results: dict = {}
+        try:
+            if tag == "extras":
+                check_config_named_optimizer(results)
+                check_refusals(results)
+            else:
+                run_config(tag, results, tmp[0])
+        except Exception:
+            results["error"] = traceback.format_exc()
+        with open(os.path.join(args.out, f"deepspeed_{tag}_rank{rank}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
