@@ -23,16 +23,18 @@ def accelerate_cmd(config_file: str, *args: str) -> list[str]:
             os.path.join(CONFIGS, config_file), *args]
 
 
-def cpu_env() -> dict[str, str]:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
+def cpu_env(accelerate_use_cpu: bool = True) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if accelerate_use_cpu:  # DDP configs; a DeepSpeed config must not set it
+        env["ACCELERATE_USE_CPU"] = "1"
     return env
 
 
-def run(cmds: list[list[str]], timeout: int = 600) -> None:
+def run(cmds: list[list[str]], timeout: int = 600, accelerate_use_cpu: bool = True) -> None:
     """Start every command at once (one per node), wait for all, fail with their output."""
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+    env = cpu_env(accelerate_use_cpu)
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for cmd in cmds]
     outputs = []
     for proc in procs:

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from launch import REPO, free_port, load_results, run
+from launch import accelerate_cmd, free_port, load_results, run
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +130,17 @@ def test_unsupported_combinations_fail_at_setup(results):
         assert "not correct at DeepSpeed ZeRO stage 2" in refusals["z2_stochastic"]
         assert "not correct at DeepSpeed ZeRO stage 3" in refusals["z3_filterwise"]
         assert "'fresh'" in refusals["fresh"]
+
+
+def test_accelerate_launch_with_a_deepspeed_config(tmp_path):
+    """extrap_accel.prepare under `accelerate launch` with accelerate_configs/ds_zero2_bf16.json."""
+    run([accelerate_cmd("cpu_2proc_deepspeed.yaml", "--main_process_port", str(free_port()),
+                        "tests/distributed/accelerate_deepspeed_worker.py", "--out",
+                        str(tmp_path))], accelerate_use_cpu=False)
+    for r in load_results(str(tmp_path), "accelerate_deepspeed", 2):
+        assert r["distributed_type"] == "DistributedType.DEEPSPEED" and r["stage"] == 2
+        assert r["points_differ"] and r["get_state_dict_is_anchor"]
+        assert r["resume_bit_identical"]
 
 
 @pytest.mark.gpu

@@ -34,10 +34,13 @@ def prepare(accelerator, *objects: Any) -> Any:
         raise NotImplementedError(
             "extrap_accel does not support FSDP yet: use DDP (MULTI_GPU) or DeepSpeed ZeRO-0/1/2"
         )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise NotImplementedError(
-            "extrap_accel.prepare does not support DeepSpeed yet; use DDP (MULTI_GPU/MULTI_CPU)"
-        )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get(
+            "stage", 0
+        ) > 0:
+            plugin.deepspeed_config.setdefault("zero_allow_untested_optimizer", True)
     prepared = accelerator.prepare(*objects)
     items = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
     models = [o for o in items if isinstance(o, nn.Module)]
@@ -52,6 +55,14 @@ def prepare(accelerator, *objects: Any) -> Any:
         try:
             optimizer = _unwrap_optimizer(obj)
         except TypeError:
+            continue
+        if deepspeed:  # the engine adapter saves per-rank state inside save_checkpoint
+            from .deepspeed import attach_engine
+
+            engine = next((m for m in models if type(m).__name__ == "DeepSpeedEngine"), None)
+            if engine is None:
+                raise ValueError("extrap_accel.prepare under DeepSpeed: pass the model too")
+            attach_engine(engine, optimizer)
             continue
         model = _model_of(optimizer, models)
         if model is None:
