@@ -116,6 +116,21 @@ def test_bf16_rounding_of_the_displacement_is_measured(results):
     assert results["z2-fp32"][0]["extrapolation"]["rounded_to_zero_fraction"] == 0.0
 
 
+def test_extra_memory_per_parameter(results):
+    """Full-size per-rank buffers at ZeRO-0/1/2 (x̃ is per rank, so nothing is sharded):
+    extrap-SGD = bit16 anchor copy + fp32 local momentum + fp32 captured gradient."""
+    expect = {"fp32": 12, "bf16": 10, "fp16": 10}
+    for config in CONFIGS:
+        r = results[config][0]
+        got = r["extrapolation"]["extra_bytes_per_param"]
+        if _stage(config) < 3:
+            assert got == expect[r["precision"]], (config, got)
+        else:  # shard-sized anchor copy and momentum, full-size captured gradient
+            assert 4 < got < expect[r["precision"]], (config, got)
+    for config in ("z0-bf16", "z2-bf16"):  # extrap-Adam: + two fp32 local moments
+        assert results[config][0]["adam_extra_bytes_per_param"] == 2 + 4 + 4 + 4
+
+
 def test_config_named_optimizer_and_unknown_type(results):
     for r in results["extras"]:
         assert r["config_named"] == {"type": "ExtrapSGD", "lr": 0.05}

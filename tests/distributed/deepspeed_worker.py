@@ -121,6 +121,19 @@ def ulp(t: torch.Tensor) -> torch.Tensor:
     return torch.exp2(e - mant)
 
 
+def extra_bytes_per_param(engine, opt, adapter) -> float:
+    """Bytes this rank holds for extrapolation, per model parameter (not counting the base
+    optimizer's own state): anchor copies, local moments and the captured local gradient."""
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    tensors = list(opt._capture.buffers.values())
+    if adapter.direct:
+        keys = ("anchor",) + tuple(opt._local_state_keys)
+        tensors += [s[k] for s in opt.state.values() for k in keys if k in s]
+    else:
+        tensors += [v for s in adapter.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors) / numel
+
+
 def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_at=None):
     """I4 (x̃ differs across ranks by −γ̃(d⁰−d¹), each d from its own gradients), I6, anchors."""
     rank, dtype = dist.get_rank(), DTYPES[precision]
@@ -198,6 +211,7 @@ def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_
                     ok &= torch.equal(f.view(-1)[k * n: k * n + m], shard[:m])
             r["mixed_point_consistent"].append(ok)
     r["rounded_to_zero_fraction"] = adapter.rounded_to_zero_fraction
+    r["extra_bytes_per_param"] = extra_bytes_per_param(engine, opt, adapter)
     results["extrapolation"] = r
     return engine, opt, adapter
 
@@ -205,8 +219,8 @@ def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_
 def check_i1(stage, precision, threshold, results, adam=False):
     """extrap_scale = 0 equals DeepSpeed with torch's optimizer, bit for bit."""
     rank, dtype = dist.get_rank(), DTYPES[precision]
-    ours = build(stage, precision, threshold, "extrap_adam" if adam else "extrap_sgd",
-                 extrap_scale=0.0)[0]
+    ours, opt, adapter = build(stage, precision, threshold,
+                               "extrap_adam" if adam else "extrap_sgd", extrap_scale=0.0)
     theirs = build(stage, precision, threshold, "torch_adamw" if adam else "torch_sgd")[0]
     for t in range(4):
         train_step(ours, rank, t, dtype)
@@ -214,6 +228,8 @@ def check_i1(stage, precision, threshold, results, adam=False):
     a = [fp32_anchor(p) for p in ours.module.parameters()]
     b = [fp32_anchor(p) for p in theirs.module.parameters()]
     results["i1_adam" if adam else "i1_sgd"] = all(torch.equal(x, y) for x, y in zip(a, b))
+    if adam:
+        results["adam_extra_bytes_per_param"] = extra_bytes_per_param(ours, opt, adapter)
 
 
 def check_saving_and_resume(stage, precision, threshold, results, tmp):

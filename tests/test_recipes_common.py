@@ -1,0 +1,515 @@
+"""Unit tests of recipes/common.py and of the recipes' data, models and configs (one process).
+
+The multi-process runs of the recipes are in tests/test_recipes_vision_lm.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "recipes"))
+
+import common  # noqa: E402
+import language_model  # noqa: E402
+import vision  # noqa: E402
+
+import extrap_accel  # noqa: E402
+
+Args = common.TrainingArguments
+CONFIGS = os.path.join(REPO, "recipes", "configs")
+CONFIG_CLASSES = {
+    "vision_quick.yaml": vision.VisionArguments,
+    "resnet20_cifar10.yaml": vision.VisionArguments,
+    "vgg11_cifar100.yaml": vision.VisionArguments,
+    "language_model_quick.yaml": language_model.LMArguments,
+    "lstm_wikitext2.yaml": language_model.LMArguments,
+}
+
+
+def parse(argv, cls=Args):
+    return common.parse_args(cls, argv, exit_on_error=False)
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def test_scale_lr_rules():
+    assert common.scale_lr(0.1, 2048, 128) == pytest.approx(1.6)
+    assert common.scale_lr(0.1, 512, 128, "sqrt") == pytest.approx(0.2)
+    assert common.scale_lr(0.1, 512, 128, "none") == 0.1
+    with pytest.raises(common.ConfigError, match="lr_scaling"):
+        common.scale_lr(0.1, 512, 128, "cubic")
+
+
+def test_warmup_then_step_decay():
+    lr = lambda s: common.warmup_step_decay_lr(  # noqa: E731
+        s, peak_lr=1.6, total_steps=100, warmup_steps=10, warmup_init_lr=0.1
+    )
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(5) == pytest.approx(0.85)  # incremented every iteration
+    assert lr(10) == lr(49) == pytest.approx(1.6)
+    assert lr(50) == lr(74) == pytest.approx(0.16)  # ×0.1 at 50% of the samples
+    assert lr(75) == lr(99) == pytest.approx(0.016)  # and at 75%
+    no_decay = common.warmup_step_decay_lr(99, peak_lr=1.6, total_steps=100, milestones=())
+    assert no_decay == 1.6
+
+
+def test_inverse_sqrt():
+    lr = lambda s: common.inverse_sqrt_lr(s, peak_lr=1e-3, warmup_steps=100)  # noqa: E731
+    assert lr(0) == 0.0 and lr(50) == pytest.approx(5e-4)
+    assert lr(100) == pytest.approx(1e-3)
+    assert lr(400) == pytest.approx(5e-4)  # peak·√(100/400)
+
+
+def test_lr_schedule_from_args():
+    args = parse(["--learning_rate", "0.1", "--per_device_train_batch_size", "128",
+                  "--base_batch_size", "128", "--warmup_epochs", "5"])  # fmt: skip
+    lr = common.lr_schedule(args, num_processes=16, total_steps=3000, steps_per_epoch=10)
+    # warmup from the one-worker (small-batch) rate to K·0.1 over 5 epochs, per iteration
+    assert lr(0) == pytest.approx(0.1) and lr(50) == pytest.approx(1.6)
+    assert lr(25) == pytest.approx(0.85)
+    assert lr(1500) == pytest.approx(0.16) and lr(2250) == pytest.approx(0.016)
+    constant = common.lr_schedule(parse(["--lr_schedule", "constant"]), num_processes=2,
+                                  total_steps=10, steps_per_epoch=5)  # fmt: skip
+    assert constant(9) == pytest.approx(0.1 * 64 / 128)
+    inv = common.lr_schedule(parse(["--lr_schedule", "inverse_sqrt", "--warmup_steps", "4"]),
+                             num_processes=1, total_steps=100, steps_per_epoch=5)  # fmt: skip
+    assert inv(0) == 0.0 and inv(16) == pytest.approx(0.025 * 0.5)
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_defaults_yaml_and_command_line_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optimizer: sgd\nlearning_rate: 0.5\nlars: true\nextrap_until: 7\n")
+    args = parse(["--config", str(cfg), "--learning_rate", "0.2", "--lars", "false",
+                  "--lr_decay_milestones", "0.3", "0.6", "--max_grad_norm", "none"])  # fmt: skip
+    assert args.optimizer == "sgd"  # from the yaml
+    assert args.learning_rate == 0.2 and args.lars is False  # the command line wins
+    assert args.extrap_until == 7 and args.lr_decay_milestones == [0.3, 0.6]
+    assert args.max_grad_norm is None and args.momentum == 0.9  # a default
+    assert parse(["--log_smoothness"]).log_smoothness is True  # a bare flag is true
+    assert parse(["--lr_decay_milestones", "0.25,0.5"]).lr_decay_milestones == [0.25, 0.5]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("learning_rat: 0.1\n", "unknown key 'learning_rat'.*did you mean 'learning_rate'"),
+        ("max_steps: ten\n", "max_steps must be int"),
+        ("max_steps: 1.5\n", "max_steps must be int"),
+        ("lars: maybe\n", "lars must be true or false"),
+        ("report_to: mlflow\n", "report_to must be one of none, wandb, tensorboard"),
+        ("- a list\n", "must hold a mapping"),
+        ("optimizer: [unclosed\n", "not valid yaml"),
+        ("optimizer: lamb\n", "unknown optimizer 'lamb'; choose one of"),
+        ("warmup_steps: 5\nwarmup_epochs: 1\n", "warmup_steps or warmup_epochs, not both"),
+        ("lr_decay_milestones: [0.75, 0.5]\n", "increasing fractions"),
+        ("local_period: 1\n", "local_period must be >= 2"),
+        ("optimizer: extrap_sgd_fresh\nlars: true\n", "cannot wrap extrap_sgd_fresh"),
+    ],
+)
+def test_config_errors(tmp_path, yaml_text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(common.ConfigError, match=message):
+        parse(["--config", str(cfg)])
+
+
+def test_command_line_errors(capsys):
+    with pytest.raises(common.ConfigError, match="unrecognized arguments: --nope"):
+        parse(["--nope", "1"])
+    with pytest.raises(common.ConfigError, match="per_device_train_batch_size must be int"):
+        parse(["--per_device_train_batch_size", "big"])
+    with pytest.raises(common.ConfigError, match="does not exist"):
+        parse(["--config", "/nonexistent.yaml"])
+    with pytest.raises(SystemExit) as exit_info:  # what a user sees: a message, status 2
+        common.parse_args(Args, ["--optimizer", "lamb"])
+    assert exit_info.value.code == 2
+    assert "unknown optimizer 'lamb'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_CLASSES))
+def test_shipped_configs_parse(name):
+    """Every key of every shipped config is a field of its recipe's dataclass."""
+    cls = CONFIG_CLASSES[name]
+    path = os.path.join(CONFIGS, name)
+    keys = common.load_yaml_config(cls, path)
+    assert set(keys) <= {f.name for f in dataclasses.fields(cls)}
+    args = parse(["--config", path], cls)
+    if name.endswith("_quick.yaml"):  # the quick configs are the recipes' defaults, written out
+        assert args == cls()
+
+
+def test_every_shipped_config_is_checked():
+    assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))} == set(
+        CONFIG_CLASSES
+    )
+
+
+# ---------------------------------------------------------------------------- optimizers
+
+
+def _model():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_param_groups_weight_decay_skips_norms_and_biases():
+    model = _model()
+    decay, no_decay = common.param_groups_weight_decay(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert len(no_decay["params"]) == 4  # two biases, BatchNorm weight and bias
+
+
+@pytest.mark.parametrize("name", extrap_accel.list_optimizers())
+def test_create_optimizer_for_every_registry_entry(name):
+    info = extrap_accel.get_optimizer_info(name)
+    argv = ["--optimizer", name, "--weight_decay", "1e-4"]
+    if "noise_scale" in info.required:
+        argv += ["--noise_scale", "1e-3"]
+    args = parse(argv)
+    optimizer = common.create_optimizer(args, _model().parameters(), extrap_max_norm=0.25)
+    assert isinstance(optimizer, info.cls)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.1 and group["weight_decay"] == 1e-4
+    if "momentum" in group:
+        assert group["momentum"] == 0.9 and group["nesterov"] is True
+    else:
+        assert group["betas"] == (0.9, 0.999)
+    if info.extrapolates:
+        assert group["extrap_scale"] == 1.0
+        past = info.defaults.get("extrapolation", "past") == "past"
+        assert group["extrap_max_norm"] == (0.25 if past else None)
+
+
+def test_create_optimizer_errors():
+    with pytest.raises(common.ConfigError, match="needs noise_scale"):
+        common.create_optimizer(parse(["--optimizer", "extrap_sgd_gaussian"]), _model().parameters())
+    with pytest.raises(common.ConfigError, match="noise_scale applies to the noise variants"):
+        common.create_optimizer(parse(["--noise_scale", "0.1"]), _model().parameters())
+    with pytest.raises(common.ConfigError, match="sgd does not extrapolate"):
+        common.create_optimizer(parse(["--optimizer", "sgd", "--extrap_lr", "0.1"]),
+                                _model().parameters())  # fmt: skip
+
+
+def _run_steps(optimizer, model, steps=4, disable_at=None):
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        if disable_at is not None:
+            common.apply_extrap_until(optimizer, SimpleNamespace(extrap_until=disable_at), step)
+        x = torch.randn(16, 4, generator=gen)
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name", ["extrap_sgd", "extrap_sgd_gaussian", "extrap_adam"])
+def test_extrap_until_turns_extrapolation_off(name):
+    """After extrap_until, x̃ = x and the step is the base optimizer's (footnote 9)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    argv = ["--optimizer", name] + (["--noise_scale", "0.01"] if "gaussian" in name else [])
+    optimizer = common.create_optimizer(parse(argv), model.parameters())
+    _run_steps(optimizer, model, steps=3, disable_at=1)
+    for p, anchor in optimizer.displaced():
+        assert torch.equal(p, anchor)  # the parameters hold the anchor
+    for group in optimizer.param_groups:
+        assert group["extrap_scale"] == 0.0
+
+
+# ---------------------------------------------------------------------------- smoothness
+
+
+def test_smoothness_meter_on_a_quadratic():
+    """f(x) = a/2·‖x‖²: g = a·x, so ‖Δg‖/‖Δx‖ = a exactly."""
+    a = 3.0
+    x = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    for name in ("sgd", "extrap_sgd"):
+        x.data = torch.tensor([1.0, -2.0, 0.5])
+        optimizer = common.create_optimizer(parse(["--optimizer", name, "--learning_rate", "0.05"]),
+                                            [x])  # fmt: skip
+        meter = common.SmoothnessMeter(optimizer)
+        values = []
+        for _ in range(4):
+            optimizer.zero_grad()
+            (0.5 * a * x.square().sum()).backward()
+            values.append(meter.update())
+            optimizer.step()
+        assert values[0] is None
+        assert values[1:] == pytest.approx([a] * 3, rel=1e-5)
+        restored = common.SmoothnessMeter(optimizer)
+        restored.load_state_dict(meter.state_dict())
+        assert torch.equal(restored._prev[0], meter._prev[0])
+
+
+def test_train_step_passes_a_closure_to_fresh():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    optimizer = common.create_optimizer(parse(["--optimizer", "extrap_sgd_fresh"]),
+                                        model.parameters())  # fmt: skip
+    calls = []
+
+    def forward_backward():
+        calls.append(1)
+        loss = model(torch.ones(2, 3)).square().mean()
+        loss.backward()
+        return loss.detach()
+
+    assert common.uses_closure(optimizer)
+    common.train_step(optimizer, forward_backward)
+    assert len(calls) == 2  # at the anchor and at x̃
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def test_find_latest_checkpoint_and_resume_errors(tmp_path):
+    assert common.find_latest_checkpoint(str(tmp_path)) is None
+    for step in (5, 40, 100):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-final").mkdir()
+    assert common.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
+    args = parse(["--output_dir", str(tmp_path / "empty"), "--resume_from_checkpoint", "latest"])
+    with pytest.raises(common.ConfigError, match="no checkpoint-<step> directory"):
+        common.resume(None, args, common.TrainState())
+    args = parse(["--resume_from_checkpoint", str(tmp_path / "missing")])
+    with pytest.raises(common.ConfigError, match="is not a directory"):
+        common.resume(None, args, common.TrainState())
+
+
+def test_post_local_sgd_needs_several_processes():
+    args = parse(["--post_local_from", "10"])
+    with pytest.raises(common.ConfigError, match="needs data parallelism"):
+        common.enable_post_local_sgd(SimpleNamespace(num_processes=1), None, None, args)
+    assert common.enable_post_local_sgd(None, None, None, parse([])) is None
+
+
+def test_plot_curves(tmp_path):
+    history = [{"step": s, "train_loss": 2.0 / s, "lr": 0.1} for s in range(1, 6)]
+    history.append({"step": 5, "eval_accuracy": 0.5})
+    common.plot_curves(history, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------- vision data
+
+
+def _pil_images(n, size=32, seed=0):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, size, size, 3), generator=gen, dtype=torch.uint8)
+    return [Image.fromarray(p.numpy()) for p in pixels], pixels
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory):
+    """A local copy in the Hub's layout: plain_text/{train,test}-00000-of-00001.parquet."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("cifar10")
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(10)])}
+    )
+    pixels = {}
+    for split, n in (("train", 24), ("test", 8)):
+        images, pixels[split] = _pil_images(n, seed=len(split))
+        ds = datasets.Dataset.from_dict({"img": images, "label": [i % 10 for i in range(n)]},
+                                        features=features)  # fmt: skip
+        os.makedirs(root / "plain_text", exist_ok=True)
+        ds.to_parquet(str(root / "plain_text" / f"{split}-00000-of-00001.parquet"))
+    return root, pixels
+
+
+def test_vision_local_dataset_in_the_hub_schema(cifar_like):
+    root, pixels = cifar_like
+    args = parse(["--dataset", str(root)], vision.VisionArguments)
+    train_x, train_y, test_x, test_y, num_classes = vision.get_datasets(args)
+    assert train_x.shape == (24, 3, 32, 32) and train_x.dtype == torch.uint8
+    assert torch.equal(train_x, pixels["train"].permute(0, 3, 1, 2))
+    assert test_x.shape == (8, 3, 32, 32) and num_classes == 10
+    assert train_y.tolist() == [i % 10 for i in range(24)]
+
+
+def test_vision_cifar100_schema_from_save_to_disk(tmp_path):
+    import datasets
+
+    images, _ = _pil_images(6)
+    split = {"img": images, "fine_label": [0, 5, 99, 1, 2, 3], "coarse_label": [0] * 6}
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(split), "test": datasets.Dataset.from_dict(split)}
+    ).save_to_disk(str(tmp_path / "c100"))
+    args = parse(["--dataset", str(tmp_path / "c100")], vision.VisionArguments)
+    _, train_y, _, _, num_classes = vision.get_datasets(args)
+    assert train_y.tolist() == [0, 5, 99, 1, 2, 3] and num_classes == 100
+
+
+def test_vision_data_errors_name_the_schema(tmp_path, monkeypatch):
+    import datasets
+
+    def load(name):
+        return vision.get_datasets(parse(["--dataset", name], vision.VisionArguments))
+
+    with pytest.raises(common.DataError, match="is not a directory; expected .*'img'"):
+        load(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.DataError, match="could not load the local directory.*'img'"):
+        load(str(tmp_path / "empty"))
+    images, _ = _pil_images(2)
+    bad = datasets.Dataset.from_dict({"picture": images, "label": [0, 1]})
+    datasets.DatasetDict({"train": bad, "test": bad}).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(common.DataError, match=r"columns \['picture', 'label'\]; expected .*'img'"):
+        load(str(tmp_path / "bad"))
+    only_train = datasets.Dataset.from_dict({"img": images, "label": [0, 1]})
+    datasets.DatasetDict({"train": only_train}).save_to_disk(str(tmp_path / "train_only"))
+    with pytest.raises(common.DataError, match=r"missing \['test'\]"):
+        load(str(tmp_path / "train_only"))
+    # The Hub path itself: unreachable here, so it must fail with a message saying what to do.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(common.DataError, match="Hub dataset 'uoft-cs/cifar10'.*--dataset default"):
+        load("uoft-cs/cifar10")
+
+
+def test_digits_default_and_augmentation():
+    train_x, train_y, test_x, test_y, num_classes = vision._digits()
+    assert train_x.shape == (1497, 3, 32, 32) and test_x.shape == (300, 3, 32, 32)
+    assert num_classes == 10 and set(train_y.tolist()) == set(range(10))
+    pre = vision.Preprocess(torch.zeros(3), torch.ones(3), hflip=True)
+    x = train_x[:8]
+    a = pre(x, common.step_generator(0, 3, 0))
+    b = pre(x, common.step_generator(0, 3, 0))
+    c = pre(x, common.step_generator(0, 3, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)  # a function of (seed, step, rank)
+    assert a.shape == (8, 3, 32, 32)
+    assert torch.equal(pre(x), x.float() / 255)  # no generator: no augmentation
+    # each output is a (possibly mirrored) 32×32 window of the zero-padded image
+    padded = torch.nn.functional.pad(x.float() / 255, (4, 4, 4, 4))
+    for img, out in zip(padded, a):
+        windows = img.unfold(1, 32, 1).unfold(2, 32, 1).permute(1, 2, 0, 3, 4)
+        match = (windows == out).flatten(2).all(-1) | (windows == out.flip(2)).flatten(2).all(-1)
+        assert match.any()
+
+
+def test_models():
+    resnet = vision.ResNetCifar(20, 10)
+    assert sum(p.numel() for p in resnet.parameters()) == 269_722  # ResNet-20, option A: 0.27M
+    vgg = vision.VGG(100, width=0.125)
+    assert vgg(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    assert vgg.fc.in_features == 64  # 512 × 0.125
+
+
+# ---------------------------------------------------------------------------- language model data
+
+
+def test_pydoc_default_and_vocabulary():
+    texts = language_model._pydoc_topics()
+    assert set(texts) == {"train", "validation", "test"}
+    total = sum(len(t) for t in texts.values())
+    assert 400_000 < total < 600_000 and len(texts["validation"]) > 10_000
+    vocab = language_model.Vocabulary.build("the cat. the dog\n\nthe end", "word")
+    assert vocab.itos[:3] == ["<unk>", "<eos>", "the"]
+    ids = vocab.encode("the cow.\n")
+    assert vocab.decode(ids) == "the <unk> . <eos>"
+    small = language_model.Vocabulary.build("a a a b b c", "whitespace", max_vocab=3)
+    assert small.itos == ["<unk>", "<eos>", "a"]
+    chars = language_model.Vocabulary.build("ab\nba", "char")
+    assert chars.decode(chars.encode("ab\nz")) == "ab\n<unk>"
+
+
+def test_batchify_splits_the_global_batch_by_rank():
+    ids = torch.arange(100)
+    full = language_model.batchify(ids, 4, 0, 1)
+    parts = [language_model.batchify(ids, 2, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat(parts), full)  # K·b contiguous streams, b per rank
+    assert full.shape == (4, 25) and torch.equal(full[1], torch.arange(25, 50))
+    with pytest.raises(common.DataError, match="too few"):
+        language_model.batchify(torch.arange(10), 8, 0, 1)
+
+
+def _lm_texts(name):
+    return language_model.get_text_splits(parse(["--dataset", name], language_model.LMArguments))
+
+
+def test_language_model_local_text_files(tmp_path):
+    (tmp_path / "txt").mkdir()
+    for split, text in (("train", "a b\n\n = T = \nc d"), ("valid", "e f"), ("test", "g")):
+        (tmp_path / "txt" / f"{split}.txt").write_text(text + "\n")
+    texts = _lm_texts(str(tmp_path / "txt"))
+    assert texts["train"] == "a b\n\n = T = \nc d" and texts["validation"] == "e f"
+    (tmp_path / "raw").mkdir()  # WikiText's own file names
+    for split in ("train", "valid", "test"):
+        (tmp_path / "raw" / f"wiki.{split}.raw").write_text(f" = {split} = \n\n words here \n")
+    texts = _lm_texts(str(tmp_path / "raw"))
+    assert texts["validation"] == " = valid = \n\n words here "
+
+
+def test_language_model_hub_schema_and_errors(tmp_path):
+    import datasets
+
+    rows = {"text": [" = Title = \n", "", " some words here \n"]}
+    # the Hub's layout: <config>/<split>-00000-of-00001.parquet
+    for split in ("train", "validation", "test"):
+        os.makedirs(tmp_path / "wt" / "wikitext-2-raw-v1", exist_ok=True)
+        datasets.Dataset.from_dict(rows).to_parquet(
+            str(tmp_path / "wt" / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
+        )
+    args = parse(["--dataset", str(tmp_path / "wt"), "--dataset_config", "wikitext-2-raw-v1"],
+                 language_model.LMArguments)  # fmt: skip
+    texts = language_model.get_text_splits(args)
+    assert texts["test"] == " = Title = \n\n some words here "
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["x"]}),
+                          "validation": datasets.Dataset.from_dict({"body": ["y"]})}
+                         ).save_to_disk(str(tmp_path / "bad"))  # fmt: skip
+    with pytest.raises(common.DataError, match=r"columns \['body'\]; expected a 'text' column"):
+        _lm_texts(str(tmp_path / "bad"))
+    (tmp_path / "notrain").mkdir()
+    (tmp_path / "notrain" / "train.txt").write_text("only training text\n")
+    with pytest.raises(common.DataError, match=r"splits \['train'\]; expected .*'validation'"):
+        _lm_texts(str(tmp_path / "notrain"))
+
+
+# ---------------------------------------------------------------------------- recipes in-process
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny LSTMs are much faster on one thread (and a busy machine makes 2 threads crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["sgd", "extrap_sgd_fresh", "extrap_sgd_uniform", "extrap_adam"])
+def test_language_model_runs_with_registry_entries(tmp_path, name, one_thread):
+    """One process, a tiny model: any registry entry trains (fresh through its closure)."""
+    argv = ["--optimizer", name, "--output_dir", str(tmp_path), "--max_steps", "3",
+            "--emsize", "16", "--nhid", "16", "--logging_steps", "1", "--eval_steps", "0"]
+    if name == "extrap_sgd_uniform":
+        argv += ["--noise_scale", "1e-3"]
+    if name == "extrap_adam":
+        argv += ["--learning_rate", "1e-3"]
+    results = language_model.main(argv)
+    assert results["step"] == 3 and math.isfinite(results["eval_perplexity"])
+    assert os.path.exists(tmp_path / "curves.png") and os.path.exists(tmp_path / "checkpoint-3")
+
+
+def test_post_local_sgd_with_one_process_is_a_clear_error(tmp_path, one_thread):
+    with pytest.raises(common.ConfigError, match="needs data parallelism"):
+        language_model.main(["--post_local_from", "2", "--output_dir", str(tmp_path),
+                             "--max_steps", "3", "--emsize", "8", "--nhid", "8"])

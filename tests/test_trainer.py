@@ -1,0 +1,257 @@
+"""The Hugging Face Trainer integration: ``extrap_accel.attach(trainer)``.
+
+End-to-end checks run in tests/distributed/trainer_worker.py, once on one process and once
+under ``torchrun --nproc_per_node 2`` (CPU, gloo), each writing JSON per rank; the tests here
+assert on it. The setup errors are checked directly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from launch import REPO, cpu_env, free_port, load_results, run
+
+transformers = pytest.importorskip("transformers")
+
+import extrap_accel  # noqa: E402
+from extrap_accel import ExtrapAdam, ExtrapSGD  # noqa: E402
+from extrap_accel.integrations.transformers import _check_backend  # noqa: E402
+
+WORKER = "tests/distributed/trainer_worker.py"
+MODES = ["optimizers", "cls_and_kwargs", "optimizers_gaussian"]
+SETUPS = ["single", "ddp"]
+TRAIN_MODE_CKPT, EVAL_MODE_CKPT = "4", "6"  # see the worker's docstring
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer_single")
+    run([[sys.executable, WORKER, "--out", str(out)]])
+    return load_results(str(out), "trainer", 1)
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer_ddp")
+    run([[sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER,
+          "--out", str(out)]])  # fmt: skip
+    return load_results(str(out), "trainer", 2)
+
+
+@pytest.fixture(params=[pytest.param((setup, mode), marks=pytest.mark.slow, id=f"{setup}-{mode}")
+                        for setup in SETUPS for mode in MODES])  # fmt: skip
+def case(request) -> types.SimpleNamespace:
+    """One way of passing the optimizer under one launch: its results, one dict per rank."""
+    setup, mode = request.param
+    results = request.getfixturevalue(setup)
+    assert [r["rank"] for r in results] == list(range(len(results)))
+    ranks = [r[mode] for r in results]
+    for r in ranks:
+        assert r["world_size"] == len(results)
+    return types.SimpleNamespace(setup=setup, mode=mode, ranks=ranks, main=ranks[0])
+
+
+def test_every_checkpoint_holds_the_anchor(case):
+    """model.safetensors of every checkpoint is the anchor, also one saved at a step without
+    evaluation (train mode: the parameters hold x̃ there, so the check can fail)."""
+    main = case.main
+    assert main["checkpoints"][TRAIN_MODE_CKPT]["training_at_save"]
+    assert not main["checkpoints"][EVAL_MODE_CKPT]["training_at_save"]
+    for step, c in main["checkpoints"].items():
+        assert c["weights_are_anchor"] and c["weights_differ_from_point"], step
+
+
+def test_every_rank_saves_its_own_local_state(case):
+    for rank, r in enumerate(case.ranks):
+        for step, c in r["checkpoints"].items():
+            assert c["local_file"] and c["local_rank"] == rank, (rank, step)
+            assert c["local_point_is_live_point"], (rank, step)
+
+
+@pytest.mark.parametrize("when", ["mid_training", "after_training"])
+def test_save_model_and_push_to_hub_write_the_anchor(case, when):
+    """At step 5 (train mode, called from a callback) and after train() (transformers 5
+    evaluates at the last step, so the parameters hold the anchor there; 4.x does not)."""
+    if when == "mid_training":
+        assert case.main[when]["training"]
+    for r in case.ranks:
+        assert r[when]["params_untouched"]
+    s = case.main[when]
+    assert s["save_model_is_anchor"] and s["save_model_differs_from_point"]
+    assert s["push_to_hub_is_anchor"] and s["push_to_hub_differs_from_point"]
+
+
+@pytest.mark.parametrize("step", [TRAIN_MODE_CKPT, EVAL_MODE_CKPT])
+def test_resume_from_checkpoint_is_bit_identical_on_every_rank(case, step):
+    for rank, r in enumerate(case.ranks):
+        assert r["resume"][step] == {"params_bit_identical": True, "anchors_bit_identical": True,
+                                     "points_bit_identical": True}, rank  # fmt: skip
+
+
+def test_local_gradients_and_points(case):
+    """Under DDP each rank's gᵏ is its own (mean over ranks = the averaged .grad, I6, with
+    gradient accumulation in cls_and_kwargs) and the ranks sit at different points around one
+    anchor; the noise variant already at step 0."""
+    distributed = case.setup == "ddp"
+    for r in case.ranks:
+        assert r["captures_local_grads"] == distributed
+        assert len(r["i6_rel_err"]) == 8 and max(r["i6_rel_err"]) <= 1e-6
+        assert r["gradient_accumulation_steps"] == (2 if case.mode == "cls_and_kwargs" else 1)
+        assert r["final_displaced"]
+        assert r["anchors_equal_across_ranks"]
+        assert r["points_equal_across_ranks"] == (not distributed)
+        start = r["start"]
+        assert start["anchors_equal_across_ranks"]
+        if case.mode == "optimizers_gaussian":
+            assert start["displaced"] and start["points_equal_across_ranks"] == (not distributed)
+        else:  # extrapolation from the past: x̃₀ = x₀
+            assert not start["displaced"] and start["points_equal_across_ranks"]
+
+
+@pytest.mark.slow
+def test_attach_returns_one_callback_per_trainer(single):
+    for mode in MODES:
+        assert single[0][mode]["attach_returns_callback"] and single[0][mode]["attach_idempotent"]
+
+
+# ---------------------------------------------------------------------- setup errors
+def _tiny_model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _trainer(tmp_path, **kwargs):
+    args = transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
+    return transformers.Trainer(model=kwargs.pop("model", None) or _tiny_model(), args=args,
+                                **kwargs)  # fmt: skip
+
+
+def test_attach_refuses_an_optimizer_class_that_is_not_extrap(tmp_path):
+    trainer = _trainer(tmp_path, optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-3}))
+    with pytest.raises(TypeError, match="AdamW.*not an extrap_accel optimizer class"):
+        extrap_accel.attach(trainer)
+
+
+def test_attach_refuses_an_optimizer_that_is_not_extrap(tmp_path):
+    model = _tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = _trainer(tmp_path, model=model, optimizers=(opt, None))
+    with pytest.raises(TypeError, match="extrap_accel optimizer"):
+        extrap_accel.attach(trainer)
+
+
+def test_attach_refuses_the_trainers_default_optimizer(tmp_path):
+    with pytest.raises(TypeError, match="default optimizer.*optimizer_cls_and_kwargs"):
+        extrap_accel.attach(_trainer(tmp_path))
+
+
+def test_attach_trainer_takes_no_optimizer(tmp_path):
+    model = _tiny_model()
+    opt = ExtrapAdam(model.parameters())
+    trainer = _trainer(tmp_path, model=model, optimizers=(opt, None))
+    with pytest.raises(TypeError, match="takes no optimizer"):
+        extrap_accel.attach(trainer, opt)
+
+
+def test_attach_hands_over_the_fp16_scaler_and_remove_undoes_everything(tmp_path):
+    model = _tiny_model()
+    opt = ExtrapSGD(model.parameters(), lr=0.1)
+    trainer = _trainer(tmp_path, model=model, optimizers=(opt, None))
+    scaler = torch.amp.GradScaler("cpu")  # accelerate creates none on CPU
+    trainer.accelerator.scaler = scaler
+    callback = extrap_accel.attach(trainer)
+    assert opt._grad_scaler is scaler
+    assert callback.handle is not None and callback.handle.module is model  # attached at once
+    assert "_save_checkpoint" in vars(trainer)
+    callback.remove()
+    assert "_save_checkpoint" not in vars(trainer)
+    assert "_load_optimizer_and_scheduler" not in vars(trainer)
+    assert callback not in trainer.callback_handler.callbacks
+    assert not hasattr(model, "_extrap_accel_handle")
+    assert extrap_accel.attach(trainer) is not callback  # can be attached again
+
+
+def test_optimizer_cls_and_kwargs_is_attached_when_the_trainer_builds_it(tmp_path):
+    trainer = _trainer(tmp_path, optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3}))
+    callback = extrap_accel.attach(trainer)
+    assert callback.handle is None and trainer.optimizer is None
+    trainer.create_optimizer()
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control)
+    assert callback.handle is not None and callback.handle.optimizer is trainer.optimizer
+
+
+def _stub_trainer(optimizer=None, deepspeed=None, enabled=True):
+    return types.SimpleNamespace(
+        is_deepspeed_enabled=enabled, is_fsdp_enabled=False, optimizer=optimizer,
+        args=types.SimpleNamespace(deepspeed=deepspeed),
+    )  # fmt: skip
+
+
+def test_deepspeed_with_optimizers_fails_loudly():
+    opt = ExtrapAdam(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(ValueError, match="discards.*optimizer_cls_and_kwargs=\\(ExtrapAdam"):
+        _check_backend(_stub_trainer(opt, {"zero_optimization": {"stage": 1}}))
+    with pytest.raises(NotImplementedError, match="DeepSpeed path is not supported yet"):
+        _check_backend(_stub_trainer(None, {"zero_optimization": {"stage": 1}}))
+    _check_backend(_stub_trainer(opt, None, enabled=False))  # no DeepSpeed: fine
+
+
+_DEEPSPEED_SCRIPT = r"""
+import json, sys, torch, transformers, extrap_accel
+from accelerate.state import AcceleratorState
+from extrap_accel import ExtrapAdam
+torch.manual_seed(0)
+config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                 bos_token_id=0, eos_token_id=0)
+ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+      "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}
+args = transformers.TrainingArguments(sys.argv[1], use_cpu=True, report_to="none", deepspeed=ds)
+errors = {}
+for way in ("optimizers", "optimizer_cls_and_kwargs"):
+    AcceleratorState._reset_state(True)  # one DeepSpeed Accelerator per process otherwise
+    model = transformers.GPT2LMHeadModel(config)
+    if way == "optimizers":
+        kwargs = {"optimizers": (ExtrapAdam(model.parameters()), None)}
+    else:
+        kwargs = {"optimizer_cls_and_kwargs": (ExtrapAdam, {"lr": 1e-3})}
+    trainer = transformers.Trainer(model=model, args=args, **kwargs)
+    try:
+        extrap_accel.attach(trainer)
+        errors[way] = None
+    except Exception as e:
+        errors[way] = [type(e).__name__, str(e), trainer.is_deepspeed_enabled]
+print("RESULT " + json.dumps(errors))
+"""
+
+
+def test_a_real_deepspeed_trainer_is_refused(tmp_path):
+    """TrainingArguments(deepspeed=...) and Trainer(...) build on CPU (training would not):
+    both ways of passing an extrap optimizer fail at attach, never train with another one.
+    In a subprocess: the DeepSpeed setup leaves process-wide accelerate state behind."""
+    pytest.importorskip("deepspeed")
+    env = cpu_env()
+    env.pop("ACCELERATE_USE_CPU")  # with it, accelerate would drop the DeepSpeed plugin
+    proc = subprocess.run([sys.executable, "-c", _DEEPSPEED_SCRIPT, str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = json.loads(lines[0][len("RESULT "):])
+    name, message, enabled = errors["optimizers"]
+    assert enabled and name == "ValueError" and "optimizer_cls_and_kwargs" in message
+    name, message, enabled = errors["optimizer_cls_and_kwargs"]
+    assert enabled and name == "NotImplementedError" and "DeepSpeed" in message
+
+
+def test_import_extrap_accel_does_not_import_transformers():
+    code = "import sys, extrap_accel; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env()).returncode == 0
