@@ -1,0 +1,275 @@
+"""``extrap_accel.attach(trainer)``: extrap-SGD / extrap-Adam in the Hugging Face Trainer.
+
+    from transformers import Trainer
+    import extrap_accel
+    from extrap_accel import ExtrapAdam
+
+    trainer = Trainer(model, args, train_dataset=train, eval_dataset=val,
+                      optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3, "extrap_scale": 0.5}))
+    # or: Trainer(..., optimizers=(ExtrapAdam(model.parameters(), lr=1e-3), scheduler))
+    extrap_accel.attach(trainer)  # once, before trainer.train()
+    trainer.train()               # also trainer.train(resume_from_checkpoint=...)
+
+Single process and DDP (``torchrun``; on CPU ``TrainingArguments(use_cpu=True,
+ddp_backend="gloo")``) are supported.
+
+Why ``attach`` is needed: the Trainer calls ``optimizer.train()`` in every training step and
+``optimizer.eval()`` in the evaluation loop, but never before it saves. A checkpoint saved at a
+step without evaluation, ``save_model`` and ``push_to_hub`` would write this rank's
+extrapolated point x̃ instead of the anchor x, and the Trainer saves the optimizer from the
+main process only, so the other ranks' local state (x̃, local moments, noise generators) would
+be lost and a resumed run would not continue the same trajectory.
+
+What ``attach(trainer)`` installs (tested with transformers 5.24 on one process and under DDP,
+and 4.47.1 on one process; ``optimizer_cls_and_kwargs`` needs transformers >= 4.47):
+
+- ``attach(trainer.model, optimizer)`` (see ``extrap_accel.attach``), so that
+  ``model.state_dict()`` — which ``save_model``, every checkpoint and ``push_to_hub`` go
+  through — and every no-grad forward see the anchor. An optimizer passed with ``optimizers=``
+  is attached at once. One built by the Trainer (``optimizer_cls_and_kwargs``) does not exist
+  yet: it is attached in ``TrainerCallback.on_train_begin``, or, when resuming, just before the
+  checkpoint's optimizer state is loaded. Both come after the Trainer has wrapped the model
+  (DDP broadcasts rank 0's weights then), which is also when the noise variants place x̃₀ under
+  a process group; an ``optimizers=`` optimizer of a noise variant under a process group waits
+  for that point as well.
+- The optimizer gets ``trainer.accelerator.scaler`` (fp16 loss scaling), as with
+  ``extrap_accel.prepare``.
+- ``on_step_begin`` calls the optimizer's ``zero_grad``: the Trainer only calls
+  ``model.zero_grad()``, and the optimizer's is what restarts the accumulation of this rank's
+  local gradient gᵏ for the next step.
+- ``trainer._save_checkpoint`` is wrapped: after the Trainer has written the checkpoint, every
+  rank writes its ``optimizer.local_state_dict()`` to
+  ``checkpoint-N/extrap_accel_local_0_rank{r}.pt``. (Not ``on_save``: the Trainer's
+  just-in-time checkpoint on SIGTERM calls ``_save_checkpoint`` without ``on_save``, and the
+  folder of a hyperparameter-search trial is only known there.)
+- ``trainer._load_optimizer_and_scheduler(checkpoint)`` is wrapped: each rank reads its own
+  file into ``optimizer._pending_local_state``, which ``load_state_dict`` applies after the main
+  process's optimizer state, so every rank continues bit for bit from its own x̃. The model
+  weights in the checkpoint are the anchor; the Trainer loads them before the optimizer.
+
+Not supported (``attach`` raises):
+
+- DeepSpeed. The Trainer discards an optimizer passed with ``optimizers=`` and builds its own
+  (``transformers.integrations.deepspeed.deepspeed_init`` sets ``trainer.optimizer = None``), so
+  that case is refused with a pointer to ``optimizer_cls_and_kwargs``. With
+  ``optimizer_cls_and_kwargs`` the Trainer would need extrap_accel's DeepSpeed engine adapter
+  (``extrap_accel.integrations.deepspeed``) attached to ``trainer.model_wrapped`` and its
+  checkpoints to go through it; that wiring is not written, because it cannot be verified
+  here: Trainer + DeepSpeed on CPU fails upstream (the world size is seen as 1), so it needs
+  GPUs. It is refused too (NotImplementedError). DeepSpeed works through accelerate
+  (``extrap_accel.prepare``) or ``attach(engine, optimizer)``.
+- FSDP (each rank's x̃ would be sharded), as everywhere in extrap_accel.
+- Any optimizer that is not an extrap_accel optimizer (TypeError), including the Trainer's
+  default when neither ``optimizers`` nor ``optimizer_cls_and_kwargs`` is given.
+- ``model_init`` with more than one ``train()`` (hyperparameter search) is untested.
+
+With ``hub_strategy="checkpoint"`` the per-rank files are written after the Trainer started
+uploading the checkpoint folder, so the uploaded copy may lack them; the local folder has them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..attach import AttachHandle, _unwrap_optimizer, attach
+from ..optim.base import ExtrapOptimizer
+from .accelerate import local_state_path
+
+__all__ = ["ExtrapTrainerCallback", "attach_trainer"]
+
+_ATTR = "_extrap_accel_trainer_callback"
+_CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+
+
+def attach_trainer(trainer) -> ExtrapTrainerCallback:
+    """Make a ``transformers.Trainer`` train, save and resume an extrap_accel optimizer correctly.
+
+    Call once, before ``trainer.train()``; ``extrap_accel.attach(trainer)`` calls this. Returns
+    the installed callback (``callback.remove()`` undoes everything).
+    """
+    existing = getattr(trainer, _ATTR, None)
+    if existing is not None:
+        return existing
+    _check_backend(trainer)
+    _check_optimizer(trainer)
+    for name in ("_save_checkpoint", "_load_optimizer_and_scheduler"):
+        if not callable(getattr(trainer, name, None)):
+            raise RuntimeError(
+                f"attach(trainer): this transformers version has no Trainer.{name}, which "
+                "extrap_accel wraps to save and restore each rank's extrapolation state; "
+                "use transformers>=4.47"
+            )
+    callback = ExtrapTrainerCallback(trainer)
+    trainer.add_callback(callback)
+    setattr(trainer, _ATTR, callback)
+    optimizer = trainer.optimizer
+    if optimizer is not None and not _unwrap_optimizer(optimizer)._initial_placement_pending:
+        callback.attach_model()
+    return callback
+
+
+class ExtrapTrainerCallback(TrainerCallback):
+    """Installed by ``attach(trainer)``; see the module docstring for what it does."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.handle: AttachHandle | None = None
+        self._originals = {
+            "_save_checkpoint": trainer._save_checkpoint,
+            "_load_optimizer_and_scheduler": trainer._load_optimizer_and_scheduler,
+        }
+        # Instance attributes shadow the class's methods (and a subclass's overrides) for this
+        # trainer only.
+        trainer._save_checkpoint = self._save_checkpoint
+        trainer._load_optimizer_and_scheduler = self._load_optimizer_and_scheduler
+
+    def remove(self) -> None:
+        """Take off the hooks, the method wrappers and the model's attach handle."""
+        for name in self._originals:
+            self.trainer.__dict__.pop(name, None)
+        self._originals = {}
+        if self in self.trainer.callback_handler.callbacks:
+            self.trainer.remove_callback(self)
+        if getattr(self.trainer, _ATTR, None) is self:
+            delattr(self.trainer, _ATTR)
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    # ------------------------------------------------------------------ the optimizer
+    @property
+    def optimizer(self) -> ExtrapOptimizer | None:
+        """The Trainer's extrap_accel optimizer (unwrapped), or None before it is created."""
+        optimizer = self.trainer.optimizer
+        if optimizer is None:
+            return None
+        try:
+            return _unwrap_optimizer(optimizer)
+        except TypeError:
+            raise TypeError(
+                f"attach(trainer): the Trainer's optimizer is a {type(optimizer).__name__}, not "
+                "an extrap_accel optimizer; pass optimizers=(ExtrapAdam(...), scheduler) or "
+                "optimizer_cls_and_kwargs=(ExtrapAdam, {...})"
+            ) from None
+
+    def attach_model(self) -> AttachHandle | None:
+        """``attach(trainer.model, optimizer)`` once the optimizer exists (idempotent)."""
+        opt = self.optimizer
+        if opt is None:
+            return None
+        if self.handle is None or self.handle.optimizer is not opt:
+            self.handle = attach(self.trainer.model, opt)
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        if scaler is not None:
+            opt.set_grad_scaler(scaler)
+        return self.handle
+
+    # ------------------------------------------------------------------ callback events
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The Trainer has created the optimizer (optimizer_cls_and_kwargs) and wrapped the model.
+        self.attach_model()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The Trainer clears gradients with model.zero_grad(), never optimizer.zero_grad(), which
+        # is what starts a new accumulation of this rank's local gradient gᵏ: without this, gᵏ
+        # would sum every step's local gradient under DDP. Called before the first micro-batch
+        # of each optimizer step, where the Trainer has already set the gradients to None.
+        opt = self.optimizer
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial, *args: Any, **kwargs: Any):
+        out = self._originals["_save_checkpoint"](model, trial, *args, **kwargs)
+        opt = self.optimizer
+        if opt is not None and not self.trainer.args.save_only_model:
+            folder = os.path.join(
+                self.trainer._get_output_dir(trial=trial),
+                f"{_CHECKPOINT_PREFIX}-{self.trainer.state.global_step}",
+            )
+            os.makedirs(folder, exist_ok=True)  # this rank may get here before the main one
+            torch.save(
+                opt.local_state_dict(),
+                local_state_path(folder, 0, self.trainer.args.process_index),
+            )
+        return out
+
+    def _load_optimizer_and_scheduler(self, checkpoint, *args: Any, **kwargs: Any):
+        load = self._originals["_load_optimizer_and_scheduler"]
+        opt = self.optimizer
+        if checkpoint is None or opt is None:
+            return load(checkpoint, *args, **kwargs)
+        # Attach before loading, as extrap_accel.prepare does: a noise variant places x̃₀ at
+        # attach, which must not overwrite the loaded x̃.
+        self.attach_model()
+        rank, world_size = self.trainer.args.process_index, self.trainer.args.world_size
+        path = local_state_path(checkpoint, 0, rank)
+        if os.path.isfile(path):
+            opt._pending_local_state = torch.load(path, map_location="cpu", weights_only=True)
+        elif world_size > 1:
+            # Saved with fewer processes (the optimizer then raises at its first step unless
+            # reset_local_state() is called), or without attach(trainer).
+            warnings.warn(
+                f"extrap_accel: {checkpoint} has no local extrapolation state for rank {rank}; "
+                "this rank continues from the main process's x̃ and local moments",
+                stacklevel=2,
+            )
+        try:
+            return load(checkpoint, *args, **kwargs)
+        finally:
+            if opt._pending_local_state is not None:  # the Trainer loaded no optimizer state
+                opt._pending_local_state = None
+                warnings.warn(
+                    f"extrap_accel: {checkpoint} holds no optimizer state (save_only_model?); "
+                    "the optimizer starts afresh",
+                    stacklevel=2,
+                )
+
+
+# ---------------------------------------------------------------------- setup checks
+def _check_backend(trainer) -> None:
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_fsdp_xla_enabled", False):
+        raise NotImplementedError(
+            "extrap_accel does not support FSDP yet (each rank's x̃ would be sharded across "
+            "ranks); use DDP"
+        )
+    if not (getattr(trainer, "is_deepspeed_enabled", False) or trainer.args.deepspeed):
+        return
+    if trainer.optimizer is not None:
+        raise ValueError(
+            "attach(trainer): under DeepSpeed the Trainer discards an optimizer passed with "
+            f"optimizers=({type(trainer.optimizer).__name__}(...), ...) and trains with its own "
+            "(AdamW or the DeepSpeed config's). Pass the class instead: "
+            "Trainer(..., optimizer_cls_and_kwargs=(ExtrapAdam, {'lr': ...}))"
+        )
+    raise NotImplementedError(
+        "attach(trainer): the Trainer's DeepSpeed path is not supported yet (extrap_accel's "
+        "DeepSpeed engine adapter is not wired into the Trainer). Train the Trainer with DDP "
+        "(torchrun without deepspeed=), or use DeepSpeed through accelerate with "
+        "extrap_accel.prepare(accelerator, model, optimizer, ...)."
+    )
+
+
+def _check_optimizer(trainer) -> None:
+    if trainer.optimizer is not None:
+        _unwrap_optimizer(trainer.optimizer)  # TypeError for any other optimizer
+        return
+    cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
+    if cls_and_kwargs is None:
+        raise TypeError(
+            "attach(trainer): the Trainer would build its default optimizer "
+            f"(args.optim={trainer.args.optim!r}), not an extrap_accel one; pass "
+            "optimizer_cls_and_kwargs=(ExtrapAdam, {...}) or optimizers=(ExtrapAdam(...), None)"
+        )
+    cls = cls_and_kwargs[0]
+    if not (isinstance(cls, type) and issubclass(cls, ExtrapOptimizer)):
+        raise TypeError(
+            f"attach(trainer): optimizer_cls_and_kwargs names {getattr(cls, '__name__', cls)!r}, "
+            "not an extrap_accel optimizer class (ExtrapSGD, ExtrapAdam, ...); wrappers such as "
+            "LARS(ExtrapSGD(...)) are built by hand and passed with optimizers="
+        )
