@@ -40,7 +40,7 @@ class ExtrapAdam(ExtrapOptimizer):
     For Adam, γ̃ = lr/K is rarely the right size: tune ``extrap_scale`` or give ``extrap_lr``.
     """
 
-    _local_state_keys = ("extrap_exp_avg", "extrap_exp_avg_sq")
+    _local_state_keys = ("extrap_exp_avg", "extrap_exp_avg_sq", "extrap_step")
 
     def __init__(
         self,
@@ -105,7 +105,11 @@ class ExtrapAdam(ExtrapOptimizer):
             anchors.append(self._ensure_anchor(p, state))
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=_scalar_dtype())
-                for key in _STATE_KEYS[1:]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "extrap_exp_avg" not in state:  # new, or restarted by reset_local_state()
+                state["extrap_step"] = torch.zeros((), dtype=_scalar_dtype())
+                for key in ("extrap_exp_avg", "extrap_exp_avg_sq"):
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             for key in _STATE_KEYS:
                 lists[key].append(state[key])
@@ -147,7 +151,7 @@ class ExtrapAdam(ExtrapOptimizer):
         extrap_adam(
             [torch.empty_like(p) for p in params],  # scratch
             [p.data for p in params], grads, grads, *(lists[k] for k in _STATE_KEYS[:3]),
-            none, none, lr=float(group["lr"]), extrap_lr=0.0, beta1=beta1, beta2=beta2,
+            none, none, none, lr=float(group["lr"]), extrap_lr=0.0, beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"], direction=False,
             foreach=group["foreach"],
         )  # fmt: skip
@@ -172,7 +176,7 @@ class ExtrapAdam(ExtrapOptimizer):
         )  # fmt: skip
 
 
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "extrap_exp_avg", "extrap_exp_avg_sq")
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "extrap_exp_avg", "extrap_exp_avg_sq", "extrap_step")
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -189,6 +193,7 @@ def extrap_adam(
     exp_avg_sqs: list[Tensor],
     extrap_exp_avgs: list[Tensor],
     extrap_exp_avg_sqs: list[Tensor],
+    extrap_steps: list[Tensor],
     *,
     lr: float,
     extrap_lr: float,
@@ -204,12 +209,13 @@ def extrap_adam(
 
     Updates ``anchors`` exactly as ``torch.optim.AdamW`` updates its parameters, then
     (``direction=True``) writes x̃ = x − γ̃·d into ``params`` from this rank's ``local_grads``
-    (scaled by ``local_coef``). ``params`` also serve as scratch space.
+    (scaled by ``local_coef``). ``params`` also serve as scratch space. The local moments are
+    bias-corrected with their own age ``extrap_steps`` (= the step count unless they were reset).
     """
     kernel = _single_tensor_extrap_adam if foreach is False else _multi_tensor_extrap_adam
     kernel(
         params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs,
-        extrap_exp_avgs, extrap_exp_avg_sqs, lr=lr, extrap_lr=extrap_lr, beta1=beta1,
+        extrap_exp_avgs, extrap_exp_avg_sqs, extrap_steps, lr=lr, extrap_lr=extrap_lr, beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, local_coef=local_coef,
         direction=direction,
     )  # fmt: skip
@@ -217,8 +223,8 @@ def extrap_adam(
 
 def _single_tensor_extrap_adam(
     params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
-    extrap_exp_avg_sqs, *, lr, extrap_lr, beta1, beta2, eps, weight_decay, local_coef,
-    direction,
+    extrap_exp_avg_sqs, extrap_steps, *, lr, extrap_lr, beta1, beta2, eps, weight_decay,
+    local_coef, direction,
 ):  # fmt: skip
     # The parameter p holds x̃_t, which is dead once the gradients exist: temporaries go into p.
     for i, x in enumerate(anchors):
@@ -236,6 +242,10 @@ def _single_tensor_extrap_adam(
         x.addcdiv_(m, denom, value=-lr / bias_correction1)
         if not direction:
             continue
+        extrap_steps[i] += 1
+        local_step = extrap_steps[i].item()
+        bias_correction1 = 1 - beta1**local_step
+        bias_correction2_sqrt = (1 - beta2**local_step) ** 0.5
         # Local direction from the new anchor, one cache-sized chunk at a time (CPU).
         tensors = (p, x, local_grads[i], extrap_exp_avgs[i], extrap_exp_avg_sqs[i])
         for chunk in _chunks(tensors):
@@ -264,8 +274,8 @@ def _adam_direction_(p, x, gk, mk, vk, *, coef, beta1, beta2, eps, weight_decay,
 
 def _multi_tensor_extrap_adam(
     params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
-    extrap_exp_avg_sqs, *, lr, extrap_lr, beta1, beta2, eps, weight_decay, local_coef,
-    direction,
+    extrap_exp_avg_sqs, extrap_steps, *, lr, extrap_lr, beta1, beta2, eps, weight_decay,
+    local_coef, direction,
 ):  # fmt: skip
     # The parameters hold x̃_t, which is dead once the gradients exist: temporaries go into them.
     for idx in _group_by_device_and_dtype(anchors):
@@ -296,6 +306,13 @@ def _multi_tensor_extrap_adam(
         del denom
         if not direction:
             continue
+        ES = [extrap_steps[i] for i in idx]
+        if ES[0].is_cpu:
+            torch._foreach_add_(ES, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(ES, 1)
+        bias_correction1 = [1 - beta1 ** s.item() for s in ES]
+        bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in ES]
         # Local direction from the new anchor, over cache-sized batches of chunks (CPU).
         Gk, Mk, Vk = ([t[i] for i in idx] for t in (local_grads, extrap_exp_avgs, extrap_exp_avg_sqs))
         # m̃/bc1 / (√ṽ/√bc2 + ε) = s·m̃ / (√ṽ + ε·√bc2), s = √bc2/bc1
