@@ -296,6 +296,15 @@ def test_post_local_sgd_needs_several_processes():
     assert common.enable_post_local_sgd(None, None, None, parse([])) is None
 
 
+def test_report_to_tensorboard_needs_tensorboard():
+    from accelerate.utils import is_tensorboard_available
+
+    if is_tensorboard_available():
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(common.ConfigError, match="pip install tensorboard"):
+        common.make_accelerator(parse(["--report_to", "tensorboard"]))
+
+
 def test_plot_curves(tmp_path):
     history = [{"step": s, "train_loss": 2.0 / s, "lr": 0.1} for s in range(1, 6)]
     history.append({"step": 5, "eval_accuracy": 0.5})
