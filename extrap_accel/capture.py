@@ -2,8 +2,10 @@
 
 A tensor hook on each parameter fires before DDP's reducer (which runs in post-accumulate
 hooks) with this rank's gradient of the current backward. The sum over the micro-steps since
-the last ``zero_grad`` is gᵏ: the same accumulation convention as ``.grad``, so that
-mean_k gᵏ equals the averaged ``.grad`` (invariant I6). The capture switches itself on at the
+the last step is gᵏ: the same accumulation convention as ``.grad``, so that mean_k gᵏ equals
+the averaged ``.grad`` (invariant I6). A new accumulation starts after ``optimizer.step()``,
+after ``optimizer.zero_grad()``, and when the hook finds ``p.grad`` cleared (``model.zero_grad``,
+as the HF Trainer does, or after a step skipped for fp16 overflow). The capture switches itself on at the
 first backward when a process group of more than one rank exists; with one process it
 removes its hooks and gᵏ is ``.grad``.
 """
@@ -21,6 +23,9 @@ class LocalGradCapture:
         self.params = [p for p in params if p.requires_grad]
         self.active: bool | None = None  # decided at the first backward
         self.dtype: torch.dtype | None = None  # accumulate in this dtype (default: the grad's)
+        # Follow p.grad: None means a new accumulation. Off where the backend keeps no .grad
+        # (DeepSpeed ZeRO), whose adapter resets at every accumulation boundary instead.
+        self.follow_grad = True
         self.buffers: dict[Tensor, Tensor] = {}
         self._fresh: set[Tensor] = set()
         self._handles = [p.register_hook(self._hook(p)) for p in self.params]
@@ -45,7 +50,7 @@ class LocalGradCapture:
                 if buf is None:
                     buf = grad.detach().to(self.dtype or grad.dtype, copy=True)
                     self.buffers[p] = buf
-                elif p in self._fresh:
+                elif p in self._fresh and not (self.follow_grad and p.grad is None):
                     buf.add_(grad)
                 else:
                     buf.copy_(grad)

@@ -138,6 +138,12 @@ def test_config_named_optimizer_and_unknown_type(results):
         assert "ExtrapSGD" in r["config_unknown_error"]
 
 
+def test_construction_step_does_not_count_and_unattached_engines_refuse(results):
+    for r in results["extras"]:
+        assert r["steps_after_construction"] == []
+        assert "extrap_accel.attach(engine, optimizer)" in r["unattached_error"]
+
+
 def test_unsupported_combinations_fail_at_setup(results):
     for r in results["extras"]:
         refusals = r["refusals"]

@@ -108,6 +108,7 @@ class DeepSpeedExtrapolation:
             optimizer.base_update_only = True
             optimizer.anchor_source = self
             optimizer._capture.dtype = torch.float32
+            optimizer._capture.follow_grad = False
             optimizer._capture.force_active()
         self._original = {}
         self._wrap("step", self._step)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import ExtrapOptimizer, check_param_group_options
-from .sgd import _batches, _chunks, _group_by_device_and_dtype
+from .sgd import _batches, _chunks, _group_by_device_and_dtype, _is_large
 
 __all__ = ["ExtrapAdam", "extrap_adam"]
 
@@ -80,7 +80,8 @@ class ExtrapAdam(ExtrapOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step at the anchor, then x̃ for the next forward into the parameters."""
-        self._begin_step()
+        if not self._begin_step():
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -88,6 +89,8 @@ class ExtrapAdam(ExtrapOptimizer):
         coefs = self._local_clip_coef()
         for i, group in enumerate(self.param_groups):
             self._step_group(group, coefs.get(i, 1.0))
+        if not self.base_update_only:  # (DeepSpeed: the adapter still needs them, and resets)
+            self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
         return loss
 
     def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
@@ -294,12 +297,7 @@ def _multi_tensor_extrap_adam(
         bias_correction1 = [1 - beta1 ** s.item() for s in S]
         bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in S]
         step_size = [(lr / bc) * -1 for bc in bias_correction1]
-        if P[0].is_cpu:  # √v into the scratch P: on CPU a new allocation costs page faults
-            denom = P
-            torch._foreach_copy_(denom, V)
-            torch._foreach_sqrt_(denom)
-        else:
-            denom = torch._foreach_sqrt(V)
+        denom = _sqrt_into(P, V)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(X, M, denom, step_size)
@@ -315,17 +313,39 @@ def _multi_tensor_extrap_adam(
         bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in ES]
         # Local direction from the new anchor, over cache-sized batches of chunks (CPU).
         Gk, Mk, Vk = ([t[i] for i in idx] for t in (local_grads, extrap_exp_avgs, extrap_exp_avg_sqs))
-        # m̃/bc1 / (√ṽ/√bc2 + ε) = s·m̃ / (√ṽ + ε·√bc2), s = √bc2/bc1
-        eps_scaled = [eps * bc for bc in bias_correction2_sqrt]
-        scale = [bc2 / bc1 for bc1, bc2 in zip(bias_correction1, bias_correction2_sqrt)]
-        for batch in _batches((P, X, Gk, Mk, Vk, eps_scaled, scale)):
-            _foreach_adam_direction_(
-                *batch, coef=local_coef, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                extrap_lr=extrap_lr,
-            )  # fmt: skip
+        kw = dict(
+            coef=local_coef, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            extrap_lr=extrap_lr,
+        )  # fmt: skip
+        for batch in _batches((P, X, Gk, Mk, Vk, bias_correction1, bias_correction2_sqrt)):
+            if len(batch[0]) == 1:  # a chunk of a large CPU tensor: out= kernels, fewer passes
+                *tensors, bc1, bc2_sqrt = (t[0] for t in batch)
+                _adam_direction_(*tensors, bc1=bc1, bc2_sqrt=bc2_sqrt, **kw)
+            else:
+                _foreach_adam_direction_(*batch, **kw)
 
 
-def _foreach_adam_direction_(P, X, Gk, Mk, Vk, eps_scaled, scale, *, coef, beta1, beta2, weight_decay, extrap_lr):
+def _sqrt_into(out: list[Tensor], V: list[Tensor]) -> list[Tensor]:
+    """√v, bitwise as ``torch._foreach_sqrt(V)``: into the scratch ``out`` for large CPU tensors.
+
+    (On CPU a fresh allocation of a large tensor costs page faults; small ones and accelerator
+    tensors get a new, cheap allocation, saving the copy's memory traffic.)
+    """
+    if not out[0].is_cpu:
+        return torch._foreach_sqrt(V)
+    roots, small = list(out), []
+    for j, (o, v) in enumerate(zip(out, V)):
+        if _is_large(o):
+            torch.sqrt(v, out=o)
+        else:
+            small.append(j)
+    if small:
+        for j, r in zip(small, torch._foreach_sqrt([V[j] for j in small])):
+            roots[j] = r
+    return roots
+
+
+def _foreach_adam_direction_(P, X, Gk, Mk, Vk, BC1, BC2_sqrt, *, coef, beta1, beta2, eps, weight_decay, extrap_lr):
     """Foreach form of :func:`_adam_direction_`: in-place operations only, P as the scratch."""
     if coef != 1.0:
         torch._foreach_copy_(P, Gk)
@@ -337,10 +357,11 @@ def _foreach_adam_direction_(P, X, Gk, Mk, Vk, eps_scaled, scale, *, coef, beta1
     if extrap_lr == 0:
         torch._foreach_copy_(P, X)
         return
+    # m̃/bc1 / (√ṽ/√bc2 + ε) = (√bc2/bc1)·m̃ / (√ṽ + ε·√bc2)
     torch._foreach_copy_(P, Vk)
     torch._foreach_sqrt_(P)
-    torch._foreach_add_(P, eps_scaled)
+    torch._foreach_add_(P, [eps * b2 for b2 in BC2_sqrt])
     torch._foreach_div_(P, Mk)  # (√ṽ + ε')/m̃, then its reciprocal: m̃/(√ṽ + ε') in place
     torch._foreach_reciprocal_(P)
-    torch._foreach_mul_(P, [-extrap_lr * s for s in scale])
+    torch._foreach_mul_(P, [-extrap_lr * b2 / b1 for b1, b2 in zip(BC1, BC2_sqrt)])
     torch._foreach_add_(P, X, alpha=1 - extrap_lr * weight_decay)

@@ -223,6 +223,10 @@ class ExtrapOptimizer(Optimizer):
             state["extrapolated"].copy_(new_point)
         return new_point
 
+    def _stepped_by_a_wrapper(self) -> bool:
+        managed = {id(p) for p in self.managed_params()}
+        return any(id(p) not in managed for g in self.param_groups for p in g["params"])
+
     def managed_params(self) -> list[Tensor]:
         """The parameters this optimizer was built with (the model's, also under DeepSpeed)."""
         return [p for group in self._model_param_groups for p in group]
@@ -298,8 +302,20 @@ class ExtrapOptimizer(Optimizer):
         """True once a backward ran under a process group of more than one rank."""
         return bool(self._capture.active)
 
-    def _begin_step(self) -> None:
-        """Checks and bookkeeping shared by every step()."""
+    def _begin_step(self) -> bool:
+        """Checks and bookkeeping shared by every step(); False: skip this step entirely."""
+        if not self.base_update_only and self._stepped_by_a_wrapper():
+            if all(p.grad is None or not p.grad.any() for g in self.param_groups
+                   for p in g["params"]):  # fmt: skip
+                # DeepSpeed's ZeRO-0 mixed-precision wrapper steps its fp32 copies once with
+                # zero gradients while it is being built: that is not a training step.
+                return False
+            raise RuntimeError(
+                "this optimizer is being stepped on tensors that are not the model's "
+                "parameters (DeepSpeed's fp32 copies): call extrap_accel.attach(engine, "
+                "optimizer) after deepspeed.initialize, or use extrap_accel.prepare / "
+                "extrap_accel.integrations.deepspeed.initialize"
+            )
         self._check_train_mode()
         self._resolve_world_size()
         self._initial_placement_pending = False
@@ -310,7 +326,7 @@ class ExtrapOptimizer(Optimizer):
                 "backward would be all-reduced); use 'past' (extrap-SGD) or run one process"
             )
         if not self._capture.active:
-            return
+            return True
         if self._grad_scaler is not None:
             inv_scale = 1.0 / self._grad_scaler.get_scale()  # the scale of this step's backward
             grads = [
@@ -319,13 +335,14 @@ class ExtrapOptimizer(Optimizer):
             grads = [g for g in grads if g is not None]
             if grads:
                 torch._foreach_mul_(grads, inv_scale)
-        elif "step" in self.__dict__:  # accelerate patches step() while its GradScaler runs
+        elif _patched_by_grad_scaler(self):
             raise RuntimeError(
                 "fp16 loss scaling is active (accelerate's GradScaler) but the extrap_accel "
                 "optimizer does not know the scale, so its local gradients would be scaled. "
                 "Use `model, optimizer, ... = extrap_accel.prepare(accelerator, model, "
                 "optimizer, ...)` or call optimizer.set_grad_scaler(accelerator.scaler)."
             )
+        return True
 
     def _local_clip_coef(self) -> dict[int, float | None]:
         """Per group: the factor that clips this rank's local gradient at ``extrap_max_norm``.
@@ -590,3 +607,10 @@ def check_param_group_options(
             f"filterwise=True scales gaussian/uniform noise per filter; it does not apply to "
             f"extrapolation={extrapolation!r}"
         )
+
+
+def _patched_by_grad_scaler(optimizer: Optimizer) -> bool:
+    """accelerate patches ``step`` on the instance while its GradScaler steps; torch's LR
+    schedulers wrap it there too (tagged ``_wrapped_by_lr_sched``), which is harmless."""
+    patched = optimizer.__dict__.get("step")
+    return patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False)

@@ -104,7 +104,8 @@ class ExtrapSGD(ExtrapOptimizer):
         ``closure`` (zero grads, forward, backward, return loss) is required by
         ``extrapolation="fresh"``, which calls it twice: at the anchor and at x̃.
         """
-        self._begin_step()
+        if not self._begin_step():
+            return None
         loss = None
         if any(group["extrapolation"] == "fresh" for group in self.param_groups):
             self._fresh_pass(closure)
@@ -114,6 +115,8 @@ class ExtrapSGD(ExtrapOptimizer):
         coefs = self._local_clip_coef()
         for i, group in enumerate(self.param_groups):
             self._step_group(group, coefs.get(i, 1.0))
+        if not self.base_update_only:  # (DeepSpeed: the adapter still needs them, and resets)
+            self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
         return loss
 
     def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
@@ -345,11 +348,15 @@ def _multi_tensor_extrap_sgd(
                         extrap_buffers[i] = u
                     first = True
         lists = (P, X, Gk) if U is None else (P, X, Gk, U)
+        kw = dict(
+            coef=local_coef, weight_decay=weight_decay, momentum=extrap_momentum,
+            nesterov=nesterov, extrap_lr=extrap_lr, first=first,
+        )  # fmt: skip
         for batch in _batches(lists):
-            _foreach_sgd_direction_(
-                *batch, coef=local_coef, weight_decay=weight_decay, momentum=extrap_momentum,
-                nesterov=nesterov, extrap_lr=extrap_lr, first=first,
-            )  # fmt: skip
+            if len(batch[0]) == 1:  # a chunk of a large CPU tensor: out= kernels, fewer passes
+                _sgd_direction_(*(t[0] for t in batch), **kw)
+            else:
+                _foreach_sgd_direction_(*batch, **kw)
 
 
 def _foreach_sgd_direction_(P, X, Gk, U=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first):
@@ -387,16 +394,25 @@ def _foreach_sgd_direction_(P, X, Gk, U=None, *, coef, weight_decay, momentum, n
 
 
 def _add_into(out: list[Tensor], A: list[Tensor], B: list[Tensor], alpha: float) -> list[Tensor]:
-    """A + alpha·B, bitwise as ``torch._foreach_add(A, B, alpha=alpha)``, written into ``out``.
+    """A + alpha·B, bitwise as ``torch._foreach_add(A, B, alpha=alpha)`` (the same kernel).
 
-    On CPU into the owned scratch ``out`` (a fresh allocation there costs page faults, more than a
-    copy); elsewhere into a new (cached) allocation, which saves the copy's memory traffic.
+    On CPU the large tensors go into the owned scratch ``out`` with ``out=`` (a fresh allocation
+    there costs page faults; a CPU foreach op is a loop over the same per-tensor kernels anyway);
+    the small ones, and every tensor elsewhere, into a new allocation (cheap there).
     """
     if not out[0].is_cpu:
         return torch._foreach_add(A, B, alpha=alpha)
-    torch._foreach_copy_(out, A)
-    torch._foreach_add_(out, B, alpha=alpha)
-    return out
+    H, small = list(out), []
+    for j, (o, a, b) in enumerate(zip(out, A, B)):
+        if _is_large(o):
+            torch.add(a, b, alpha=alpha, out=o)
+        else:
+            small.append(j)
+    if small:
+        sums = torch._foreach_add([A[j] for j in small], [B[j] for j in small], alpha=alpha)
+        for j, h in zip(small, sums):
+            H[j] = h
+    return H
 
 
 def _update_buffers(buffers: list, idx: list[int], H: list[Tensor], momentum: float) -> list:
@@ -421,6 +437,10 @@ def _update_buffers(buffers: list, idx: list[int], H: list[Tensor], momentum: fl
 _CHUNK_BYTES = 1 << 20
 
 
+def _is_large(t: Tensor) -> bool:
+    return t.numel() * t.element_size() >= _CHUNK_BYTES
+
+
 def _chunks(items: tuple):
     """Aligned chunks of same-shaped tensors (CPU, contiguous, large), else the items whole.
 
@@ -437,25 +457,30 @@ def _chunks(items: tuple):
 
 
 def _batches(lists: tuple[list, ...]):
-    """Aligned lists of chunks, about _CHUNK_BYTES per list per batch (CPU), else the lists whole.
+    """Aligned lists for the direction's passes: the whole lists, except on CPU.
 
-    The first list holds tensors; lists of per-tensor scalars are repeated along the chunks.
+    On CPU each cache-sized chunk of a large tensor comes alone (a batch of length 1, for the
+    per-tensor ``out=`` kernels), and the small tensors in foreach batches of about
+    _CHUNK_BYTES per list. The first list holds tensors; lists of per-tensor scalars follow them.
     """
     if not lists[0][0].is_cpu:
         yield lists
         return
     chunk = _CHUNK_BYTES // lists[0][0].element_size()
-    batch: list[list[Tensor]] = [[] for _ in lists]
+    batch: list[list] = [[] for _ in lists]
     size = 0
-    for tensors in zip(*lists):
-        for piece in _chunks(tensors):
-            for out, t in zip(batch, piece):
-                out.append(t)
-            size += piece[0].numel()
-            if size >= chunk:
-                yield batch
-                batch, size = [[] for _ in lists], 0
-    if size:
+    for items in zip(*lists):
+        if _is_large(items[0]):
+            for piece in _chunks(items):
+                yield [[t] for t in piece]
+            continue
+        for out, t in zip(batch, items):
+            out.append(t)
+        size += items[0].numel()
+        if size >= chunk:
+            yield batch
+            batch, size = [[] for _ in lists], 0
+    if batch[0]:
         yield batch
 
 

@@ -68,15 +68,29 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _after_construction(cls):
+    """torch's optimizer, minus the zero-gradient step DeepSpeed's ZeRO-0 mixed-precision
+    wrapper runs while it is built (extrap_accel does not count it either)."""
+
+    class Baseline(cls):
+        built = False
+
+        def step(self, closure=None):
+            return super().step(closure) if self.built else None
+
+    return Baseline
+
+
 def build(stage, precision, threshold=0, optimizer="extrap_sgd", seed=0, **kwargs):
     import deepspeed
 
     model = make_model(seed)
     if optimizer == "torch_sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
-                              weight_decay=WD)
+        opt = _after_construction(torch.optim.SGD)(
+            model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
     elif optimizer == "torch_adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=WD)
+        opt = _after_construction(torch.optim.AdamW)(model.parameters(), lr=1e-2,
+                                                     weight_decay=WD)
     elif optimizer == "extrap_adam":
         opt = extrap_accel.ExtrapAdam(model.parameters(), lr=1e-2, weight_decay=WD, **kwargs)
     else:
@@ -85,6 +99,7 @@ def build(stage, precision, threshold=0, optimizer="extrap_sgd", seed=0, **kwarg
         opt = extrap_accel.ExtrapSGD(model.parameters(), **kw)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
                                       config=ds_config(stage, precision, threshold))
+    opt.built = True
     adapter = None
     if isinstance(opt, extrap_accel.ExtrapOptimizer):
         adapter = extrap_accel.attach(engine, opt)
@@ -311,6 +326,24 @@ def check_config_named_optimizer(results):
         results["config_unknown_error"] = str(e)
 
 
+def check_construction_and_unattached(results):
+    """ZeRO-0 mixed precision steps the client optimizer once with zero gradients while it is
+    built: no step may count. Without attach, stepping DeepSpeed's fp32 copies is refused."""
+    import deepspeed
+
+    engine, opt, _ = build(0, "bf16", 0, "extrap_adam")
+    results["steps_after_construction"] = [float(s["step"]) for s in opt.state.values()
+                                           if "step" in s]
+    model = make_model()
+    opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(1, "fp32"))
+    try:
+        train_step(engine, dist.get_rank(), 0, torch.float32)
+        results["unattached_error"] = ""
+    except RuntimeError as e:
+        results["unattached_error"] = str(e)
+
+
 def check_refusals(results):
     out = {}
     for name, kwargs in (("z0_fp16", dict(stage=0, precision="fp16")),
@@ -364,6 +397,7 @@ def main() -> None:
             if tag == "extras":
                 check_config_named_optimizer(results)
                 check_refusals(results)
+                check_construction_and_unattached(results)
             else:
                 run_config(tag, results, tmp[0])
         except Exception:
