@@ -48,12 +48,45 @@ Accelerate glue
 Logging
     MetricsLogger(accelerator, args, project_name, resumed_step=0)
         .log(metrics, step)   trackers (accelerator.log), metrics.jsonl and the curves
+        .latest(prefix="")    the last logged value of each metric
         .finish()             ends the trackers and writes output_dir/curves.png (Agg)
     progress_bar(accelerator, total, initial=0) -> tqdm   main process only
     train_metrics(accelerator, loss, optimizer, meter=None, post_local=None) -> dict
     is_due(step, every, max_steps) -> bool   every N steps and at the last one
     SmoothnessMeter(optimizer, accelerator)   ‖g_t − g_{t−1}‖ / ‖x̃_t − x̃_{t−1}‖ on this rank
     smoothness_meter(accelerator, args, optimizer) -> SmoothnessMeter | None   --log_smoothness
+
+A recipe, in outline (vision.py and language_model.py are complete examples)::
+
+    @dataclass
+    class MyArguments(common.TrainingArguments):   # recipe fields; new defaults
+        label_smoothing: float = 0.1
+
+    args = common.parse_args(MyArguments, description=__doc__)
+    accelerator = common.make_accelerator(args)
+    with accelerator.main_process_first():
+        data = ...                                   # common.load_dataset_dict(...) or embedded
+    optimizer = common.create_optimizer(args, common.param_groups_weight_decay(model, wd))
+    model, optimizer, train_dl = extrap_accel.prepare(accelerator, model, optimizer, train_dl)
+    optimizer = common.wrap_lars(args, optimizer)
+    lr_at = common.lr_schedule(args, num_processes=..., total_steps=..., steps_per_epoch=...)
+    state = common.TrainState(); accelerator.register_for_checkpointing(state)
+    meter = common.smoothness_meter(accelerator, args, optimizer)
+    common.resume(accelerator, args, state)        # after everything is registered
+    post_local = common.enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
+    logger = common.MetricsLogger(accelerator, args, "project", state.step)
+    while state.step < max_steps:                  # epoch = step // steps_per_epoch;
+        ...                                        # skip_first_batches after a resume
+        common.set_lr(optimizer, lr_at(state.step))
+        common.apply_extrap_until(optimizer, args, state.step)
+        loss = common.train_step(optimizer, forward_backward, clip=clip, meter=meter)
+        state.step += 1
+        if common.is_due(state.step, args.logging_steps, max_steps):
+            logger.log(common.train_metrics(accelerator, loss, optimizer, meter, post_local),
+                       state.step)
+        if common.is_due(state.step, args.save_steps, max_steps):
+            common.save_checkpoint(accelerator, args, state.step)
+    logger.finish(results)
 """
 
 from __future__ import annotations
@@ -544,6 +577,7 @@ def make_accelerator(args: TrainingArguments, **kwargs):
     """An Accelerator with the trackers of ``--report_to`` and a seeded sampler (exact resume).
 
     W&B without WANDB_API_KEY runs offline (WANDB_MODE=offline) and writes under output_dir.
+    Options that need a number of processes the launch does not have fail here, early.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, set_seed
@@ -563,6 +597,11 @@ def make_accelerator(args: TrainingArguments, **kwargs):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         **kwargs,
     )
+    if accelerator.num_processes > 1 and uses_closure_name(args.optimizer):
+        raise ConfigError(
+            f"{args.optimizer} (an extra forward/backward per step) runs on one process only; "
+            "use extrap_sgd under data parallelism"
+        )
     set_seed(args.seed)  # the same initial model on every rank
     return accelerator
 
@@ -798,6 +837,11 @@ class MetricsLogger:
 
         append()
 
+    def latest(self, prefix: str = "") -> dict[str, float]:
+        """The last logged value of every metric whose name starts with ``prefix``."""
+        return {k: v for r in self.history for k, v in r.items() if k.startswith(prefix)
+                and k != "step"}  # fmt: skip
+
     def finish(self, results: dict[str, float] | None = None) -> None:
         self.accelerator.end_training()
 
@@ -833,9 +877,9 @@ def plot_curves(history: list[dict[str, Any]], path: str) -> None:
         ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
-        if key in ("train_loss", "eval_loss", "eval_perplexity", "lr", "smoothness"):
-            if all(v > 0 for _, v in points):
-                ax.set_yscale("log")
+        log_scale = re.search(r"loss|perplexity|lr|smoothness", key)
+        if log_scale and all(v > 0 for _, v in points):
+            ax.set_yscale("log")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()

@@ -293,8 +293,6 @@ def training_function(args: LMArguments) -> dict[str, float]:
     if windows == 0:
         raise common.DataError(f"the training stream is shorter than one BPTT window ({args.bptt})")
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * windows)
-    if args.lr_schedule == "inverse_sqrt":
-        raise common.ConfigError("lr_schedule inverse_sqrt is for translation; use step or constant")
     lr_at = common.lr_schedule(args, num_processes=world, total_steps=max_steps,
                                steps_per_epoch=windows)  # fmt: skip
 
@@ -354,7 +352,7 @@ def training_function(args: LMArguments) -> dict[str, float]:
             common.save_checkpoint(accelerator, args, state.step)
     bar.close()
 
-    results = {k: v for r in logger.history for k, v in r.items() if k.startswith("eval_")}
+    results = logger.latest("eval_")
     if "test" in splits:
         results["test_perplexity"] = evaluate(accelerator, model, splits["test"], args.bptt)
     results.update(step=state.step, seconds=time.perf_counter() - start,

@@ -286,8 +286,6 @@ def training_function(args: VisionArguments) -> dict[str, float]:
     max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * steps_per_epoch
     )
-    if args.lr_schedule == "inverse_sqrt":
-        raise common.ConfigError("lr_schedule inverse_sqrt is for translation; use step or constant")
     lr_at = common.lr_schedule(args, num_processes=world, total_steps=max_steps,
                                steps_per_epoch=steps_per_epoch)  # fmt: skip
 
@@ -341,7 +339,7 @@ def training_function(args: VisionArguments) -> dict[str, float]:
                 break
     bar.close()
 
-    results = {k: v for r in logger.history for k, v in r.items() if k.startswith("eval_")}
+    results = logger.latest("eval_")
     results.update(step=state.step, seconds=time.perf_counter() - start,
                    train_loss=metrics.get("train_loss"))  # fmt: skip
     accelerator.wait_for_everyone()
