@@ -6,6 +6,7 @@
 from .attach import AttachHandle, attach
 from .integrations.accelerate import prepare
 from .lars import LARS
+from .simulate import VirtualWorkers
 from .integrations.post_local_sgd import PostLocalSGD, enable_post_local_sgd
 from .optim import (
     ExtrapAdam,
@@ -33,4 +34,5 @@ __all__ = [
     "list_optimizers",
     "prepare",
     "register_optimizer",
+    "VirtualWorkers",
 ]

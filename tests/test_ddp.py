@@ -81,6 +81,35 @@ def test_local_extrapolation_matches_the_k_worker_oracle(config, request):
         assert all(r["anchors_equal"]), (config, rank)
 
 
+def test_simulator_matches_the_real_two_process_run(fp32):
+    """extrap_accel.VirtualWorkers with K = 2 in one process follows the real gloo run (same
+    model, data and hyperparameters) up to float rounding: anchors and each rank's x̃."""
+    import os
+    import sys
+
+    import torch
+
+    import extrap_accel
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
+    from ddp_worker import LR, MOMENTUM, WD, batch, loss_fn, make_model
+
+    model = make_model()
+    optimizer = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                       nesterov=True, weight_decay=WD)
+    workers = extrap_accel.VirtualWorkers(model, optimizer, num_workers=2)
+    traces = [r["extrap"] for r in fp32]
+    for t, real_anchor in enumerate(traces[0]["anchor_trace"]):
+        workers.step(lambda k, t=t: loss_fn(model, *batch(k, t)))
+        anchor = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        torch.testing.assert_close(anchor, torch.tensor(real_anchor), rtol=0, atol=1e-6)
+        for k in range(2):
+            point = torch.cat([x.reshape(-1) for x in workers.points[k]])
+            torch.testing.assert_close(point, torch.tensor(traces[k]["point_trace"][t]),
+                                       rtol=0, atol=1e-6)
+    assert len(traces[0]["anchor_trace"]) >= 5
+
+
 def test_i1_extrap_scale_zero_is_ddp_sgd_bit_for_bit(fp32):
     assert all(r["i1_equal"] for r in fp32)
 

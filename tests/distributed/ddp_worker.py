@@ -118,6 +118,10 @@ def run_extrap_checks(accelerator, results, *, steps=5, micro_steps=1, scaler=No
         r["i4_norm"].append(float(sum((pt[0] - pt[1]).norm() for pt in points)))
         anchors = [gather(base.anchor(p)) for p in params]
         r["anchors_equal"].append(all(torch.equal(a[0], a[1]) for a in anchors))
+        r.setdefault("anchor_trace", []).append(
+            torch.cat([base.anchor(p).reshape(-1) for p in params]).tolist())
+        r.setdefault("point_trace", []).append(
+            torch.cat([p.detach().reshape(-1) for p in params]).tolist())
     results[prefix + "extrap"] = r
     return model, optimizer
 
