@@ -49,7 +49,7 @@ Logging
     MetricsLogger(accelerator, args, project_name, resumed_step=0)
         .log(metrics, step)   trackers (accelerator.log), metrics.jsonl and the curves
         .latest(prefix="")    the last logged value of each metric
-        .finish()             ends the trackers and writes output_dir/curves.png (Agg)
+        .finish(model, results)   saves the model (anchor), results.json, curves.png (Agg)
     progress_bar(accelerator, total, initial=0) -> tqdm   main process only
     train_metrics(accelerator, loss, optimizer, meter=None, post_local=None) -> dict
     is_due(step, every, max_steps) -> bool   every N steps and at the last one
@@ -86,7 +86,7 @@ A recipe, in outline (vision.py and language_model.py are complete examples)::
                        state.step)
         if common.is_due(state.step, args.save_steps, max_steps):
             common.save_checkpoint(accelerator, args, state.step)
-    logger.finish(results)
+    logger.finish(model, results)
 """
 
 from __future__ import annotations
@@ -842,14 +842,17 @@ class MetricsLogger:
         return {k: v for r in self.history for k, v in r.items() if k.startswith(prefix)
                 and k != "step"}  # fmt: skip
 
-    def finish(self, results: dict[str, float] | None = None) -> None:
+    def finish(self, model, results: dict[str, Any]) -> None:
+        """Save ``model`` (the anchor: attached by extrap_accel.prepare) to output_dir, end the
+        trackers, and write results.json and curves.png."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_model(model, self.output_dir)
         self.accelerator.end_training()
 
         @self.accelerator.on_main_process
         def write():
-            if results is not None:
-                with open(os.path.join(self.output_dir, "results.json"), "w") as f:
-                    json.dump(results, f, indent=2)
+            with open(os.path.join(self.output_dir, "results.json"), "w") as f:
+                json.dump(results, f, indent=2)
             plot_curves(self.history, os.path.join(self.output_dir, "curves.png"))
 
         write()

@@ -357,9 +357,7 @@ def training_function(args: LMArguments) -> dict[str, float]:
         results["test_perplexity"] = evaluate(accelerator, model, splits["test"], args.bptt)
     results.update(step=state.step, seconds=time.perf_counter() - start,
                    train_loss=metrics.get("train_loss"))  # fmt: skip
-    accelerator.wait_for_everyone()
-    accelerator.save_model(model, args.output_dir)  # the anchor (attached)
-    logger.finish(results)
+    logger.finish(model, results)  # saves the anchor
     accelerator.print(
         f"step {state.step}: validation perplexity {results.get('eval_perplexity', math.nan):.2f}"
         f", test perplexity {results.get('test_perplexity', math.nan):.2f}, "

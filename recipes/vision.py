@@ -342,9 +342,7 @@ def training_function(args: VisionArguments) -> dict[str, float]:
     results = logger.latest("eval_")
     results.update(step=state.step, seconds=time.perf_counter() - start,
                    train_loss=metrics.get("train_loss"))  # fmt: skip
-    accelerator.wait_for_everyone()
-    accelerator.save_model(model, args.output_dir)  # the anchor (attached)
-    logger.finish(results)
+    logger.finish(model, results)  # saves the anchor
     accelerator.print(
         f"step {state.step}: test accuracy {results.get('eval_accuracy', float('nan')):.4f}, "
         f"test loss {results.get('eval_loss', float('nan')):.4f}, "
