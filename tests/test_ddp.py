@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+import sys
+
 from launch import accelerate_cmd, free_port, load_results, run
 
 pytestmark = pytest.mark.slow
@@ -190,3 +192,13 @@ def test_post_local_sgd_averages_anchors_every_period(post_local):
                 assert equal and calls == 1, t
             else:  # local steps: no communication at all, anchors drift apart
                 assert not equal and calls == 0, t
+
+
+def test_plain_torchrun_ddp_with_attach(tmp_path):
+    """No accelerate: torchrun + DistributedDataParallel + attach(ddp_model, optimizer)."""
+    run([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", str(free_port()), "tests/distributed/torchrun_worker.py", "--out",
+          str(tmp_path)]])
+    for r in load_results(str(tmp_path), "torchrun", 2):
+        assert r["i6_err"] <= 1e-7
+        assert r["anchors_equal"] and r["points_differ"] and r["state_dict_is_anchor"]
