@@ -620,6 +620,9 @@ def enable_post_local_sgd(accelerator, model, optimizer, args: TrainingArguments
 
     ``step`` is the step the run starts from (after a resume): the switch and the averaging
     schedule continue from it. Needs a multi-process launch (the DDP-wrapped model).
+    The anchors are averaged after steps post_local_from + j·local_period (j = 1, 2, ...);
+    in between they differ per rank, and an evaluation gathers each rank's predictions from
+    its own anchor: evaluate at those steps to see the averaged model.
     """
     if args.post_local_from is None:
         return None
