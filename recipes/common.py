@@ -632,20 +632,18 @@ def enable_post_local_sgd(accelerator, model, optimizer, args: TrainingArguments
             "`ACCELERATE_USE_CPU=1 accelerate launch --config_file "
             "accelerate_configs/cpu_2proc.yaml ...` or `accelerate launch --num_processes K ...`"
         )
-    if step > args.post_local_from:
+    base = _base_optimizer(optimizer)
+    if step > args.post_local_from and not isinstance(base, extrap_accel.ExtrapOptimizer):
         warnings.warn(
             f"resuming at step {step}, inside post-local SGD (from step {args.post_local_from}): "
-            "the checkpoint holds rank 0's anchor and momentum only, so each rank restarts from "
-            "them and the run is not an exact continuation",
+            f"{type(base).__name__} keeps no per-rank state, so the checkpoint holds rank 0's "
+            "weights and momentum only and the run is not an exact continuation",
             stacklevel=2,
         )
     post_local = extrap_accel.enable_post_local_sgd(
-        model, _base_optimizer(optimizer), start_step=args.post_local_from,
-        period=args.local_period,
+        model, base, start_step=args.post_local_from, period=args.local_period,
     )  # fmt: skip
-    # Continue the counters of the comm hook and the averager from the resumed step.
-    post_local.state.iter = step
-    post_local.averager.step = step
+    post_local.resume_at(step)  # the comm hook's and the averager's counters
     return post_local
 
 

@@ -194,6 +194,13 @@ def test_post_local_sgd_averages_anchors_every_period(post_local):
                 assert not equal and calls == 0, t
 
 
+def test_post_local_sgd_resumes_exactly_inside_phase_two(post_local):
+    """Anchors and momenta differ per rank in phase 2: each rank saves and restores its own."""
+    for r in post_local:
+        assert r["post_local_resume"]["anchors_differed_at_save"]
+        assert r["post_local_resume"]["bit_identical"]
+
+
 def test_plain_torchrun_ddp_with_attach(tmp_path):
     """No accelerate: torchrun + DistributedDataParallel + attach(ddp_model, optimizer)."""
     run([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -76,6 +76,13 @@ class PostLocalSGD:
         model.register_comm_hook(self.state, post_localSGD_hook)
         self.averager = _AnchorAverager(period=period, warmup_steps=start_step + period - 1)
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
+        if isinstance(self.optimizer, ExtrapOptimizer):  # anchors and momenta differ per rank
+            self.optimizer.per_rank_state = True
+
+    def resume_at(self, step: int) -> None:
+        """Continue the switch and the averaging schedule from optimizer step ``step``."""
+        self.state.iter = step
+        self.averager.step = step
 
     @property
     def local(self) -> bool:

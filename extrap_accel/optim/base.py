@@ -56,6 +56,8 @@ class ExtrapOptimizer(Optimizer):
         self._warned_k1_stochastic = False
         self._initial_placement_pending = False
         self._unscaled_grads: dict[Tensor, Tensor] | None = None  # set by LARS during step()
+        # Post-local SGD: anchors and momenta differ per rank, so all of it is per-rank state.
+        self.per_rank_state = False
         # The model's parameters per group, kept because DeepSpeed replaces group["params"].
         self._model_param_groups = [list(g["params"]) for g in self.param_groups]
         # Under DeepSpeed ZeRO the groups hold fp32 master partitions = the anchor; step() is
@@ -413,8 +415,12 @@ class ExtrapOptimizer(Optimizer):
             entry = self.state.get(p)
             if not entry or not ("anchor" in entry or "extrapolated" in entry):
                 continue
-            local = {k: entry[k] for k in self._local_state_keys if k in entry}
+            keys = set(entry) - {"anchor", "extrapolated"} if self.per_rank_state else (
+                self._local_state_keys)
+            local = {k: entry[k] for k in keys if k in entry}
             local["extrapolated"] = self.extrapolated(p)
+            if self.per_rank_state:
+                local["anchor"] = self.anchor(p)
             state[idx] = local
         return {
             "format": 1,
@@ -436,9 +442,14 @@ class ExtrapOptimizer(Optimizer):
         for idx, entry in local["state"].items():
             p = params[int(idx)]
             state = self.state[p]
-            for key in self._local_state_keys:
-                if key in entry:
-                    state[key] = entry[key].to(device=p.device, dtype=p.dtype, copy=True)
+            for key, value in entry.items():
+                if key in ("extrapolated", "anchor"):
+                    continue
+                dtype = value.dtype if key in ("step", "extrap_step") else p.dtype
+                state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+            if "anchor" in entry:  # post-local SGD: this rank's own anchor
+                anchor = entry["anchor"].to(device=p.device, dtype=p.dtype)
+                (state["anchor"] if "anchor" in state else p.data).copy_(anchor)
             point = entry["extrapolated"].to(device=p.device, dtype=p.dtype)
             if "anchor" in state:  # train mode: the parameter holds x̃
                 p.copy_(point)

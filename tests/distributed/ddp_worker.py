@@ -351,6 +351,55 @@ def check_post_local(accelerator, results, start_step=3, period=2, steps=9):
                              "anchors_equal": equal, "collectives": collectives}
 
 
+def check_post_local_resume(accelerator, results, start_step=2, period=3):
+    """save_state inside phase 2 (anchors differ per rank) and resume: bit-identical per rank."""
+    from accelerate import Accelerator
+
+    rank = accelerator.process_index
+
+    def build(acc, seed):
+        model = make_model(seed)
+        opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                     nesterov=True)
+        model, opt = extrap_accel.prepare(acc, model, opt)
+        post_local = extrap_accel.enable_post_local_sgd(model, opt, start_step=start_step,
+                                                        period=period)
+        return model, opt, post_local
+
+    def train(acc, model, opt, steps):
+        trace = []
+        for t in steps:
+            x, y = batch(rank, t)
+            acc.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+            trace.append([p.detach().clone() for p in params_of(model)]
+                         + [opt.optimizer.anchor(p).clone() for p in params_of(model)])
+        return trace
+
+    acc1 = Accelerator(cpu=True)
+    model, opt, _ = build(acc1, 0)
+    train(acc1, model, opt, range(4))  # steps 2, 3 are local: anchors differ per rank now
+    differ = any(not torch.equal(*gather(opt.optimizer.anchor(p))) for p in params_of(model))
+    with tempfile.TemporaryDirectory() as d:
+        shared = [d]
+        dist.broadcast_object_list(shared, src=0)
+        acc1.save_state(shared[0])
+        accelerator.wait_for_everyone()
+        expected = train(acc1, model, opt, range(4, 9))
+        acc2 = Accelerator(cpu=True)
+        model2, opt2, post_local2 = build(acc2, 5)
+        acc2.load_state(shared[0])
+        post_local2.resume_at(4)
+        got = train(acc2, model2, opt2, range(4, 9))
+        accelerator.wait_for_everyone()
+    results["post_local_resume"] = {
+        "anchors_differed_at_save": differ,
+        "bit_identical": all(torch.equal(a, b) for e, g in zip(expected, got)
+                             for a, b in zip(e, g)),
+    }
+
+
 def check_memory(accelerator, results):
     """Extra bytes per parameter over the baseline optimizer, under DDP (state + capture)."""
     rank = accelerator.process_index
@@ -435,6 +484,7 @@ def main() -> None:
             results["unknown_scaler_error"] = str(e)
     elif args.config == "post_local":
         check_post_local(accelerator, results)
+        check_post_local_resume(accelerator, results)
     elif args.config == "multinode":
         run_extrap_checks(accelerator, results, steps=3)
 
