@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(REPO, "recipes"))
 
 import common  # noqa: E402
 import language_model  # noqa: E402
+import translate  # noqa: E402
 import vision  # noqa: E402
 
 import extrap_accel  # noqa: E402
@@ -33,6 +34,8 @@ CONFIG_CLASSES = {
     "vgg11_cifar100.yaml": vision.VisionArguments,
     "language_model_quick.yaml": language_model.LMArguments,
     "lstm_wikitext2.yaml": language_model.LMArguments,
+    "translate_quick.yaml": translate.TranslateArguments,
+    "translate_multi30k.yaml": translate.TranslateArguments,
 }
 
 
