@@ -82,7 +82,7 @@ POST_LOCAL_H = 4
 TASKS = {
     "vision": {"steps": 60, "quick_steps": 12, "lr0": [0.0125, 0.025, 0.05, 0.1], "metric": "accuracy",
                "weight_decay": 5e-4, "clip": None},
-    "lm": {"steps": 100, "quick_steps": 16, "lr0": [0.125, 0.25, 0.5], "metric": "perplexity",
+    "lm": {"steps": 100, "quick_steps": 16, "lr0": [0.25, 0.5, 1.0], "metric": "perplexity",
            "weight_decay": 0.0, "clip": 0.5},
 }  # fmt: skip
 
