@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import ExtrapOptimizer, check_param_group_options
-from .sgd import _batches, _chunks, _group_by_device_and_dtype, _is_large
+from .sgd import _batches, _chunks, _group_by_device_and_dtype, _split_large
 
 __all__ = ["ExtrapAdam", "extrap_adam"]
 
@@ -259,8 +259,13 @@ def _single_tensor_extrap_adam(
             )  # fmt: skip
 
 
-def _adam_direction_(p, x, gk, mk, vk, *, coef, beta1, beta2, eps, weight_decay, extrap_lr, bc1, bc2_sqrt):
-    """m̃, ṽ ← one AdamW moment update with c·gᵏ;  p ← x − γ̃·(m̃/bc1 / (√(ṽ/bc2) + ε) + λx)."""
+def _adam_direction_(
+    p, x, gk, mk, vk, *, coef, beta1, beta2, eps, weight_decay, extrap_lr, bc1, bc2_sqrt
+):
+    """m̃, ṽ ← one AdamW moment update with c·gᵏ;  p ← x − γ̃·(m̃/bc1 / (√(ṽ/bc2) + ε) + λx).
+
+    One tensor or one chunk; p is the scratch (it may be overwritten before it is read).
+    """
     if coef != 1.0:
         gk = torch.mul(gk, coef, out=p)
     mk.lerp_(gk, 1 - beta1)
@@ -280,72 +285,63 @@ def _multi_tensor_extrap_adam(
     extrap_exp_avg_sqs, extrap_steps, *, lr, extrap_lr, beta1, beta2, eps, weight_decay,
     local_coef, direction,
 ):  # fmt: skip
-    # The parameters hold x̃_t, which is dead once the gradients exist: temporaries go into them.
+    lists = (
+        params, anchors, grads, local_grads, steps, exp_avgs, exp_avg_sqs, extrap_exp_avgs,
+        extrap_exp_avg_sqs, extrap_steps,
+    )  # fmt: skip
+    kw = dict(
+        lr=lr, extrap_lr=extrap_lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        local_coef=local_coef, direction=direction,
+    )  # fmt: skip
     for idx in _group_by_device_and_dtype(anchors):
-        P, X, G = ([t[i] for i in idx] for t in (params, anchors, grads))
-        M, V, S = ([t[i] for i in idx] for t in (exp_avgs, exp_avg_sqs, steps))
-        # Base update at the anchor, in torch.optim.AdamW's foreach order (bitwise equal).
-        if S[0].is_cpu:
-            torch._foreach_add_(S, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(S, 1)
-        if weight_decay != 0:
-            torch._foreach_mul_(X, 1 - lr * weight_decay)
-        torch._foreach_lerp_(M, G, 1 - beta1)
-        torch._foreach_mul_(V, beta2)
-        torch._foreach_addcmul_(V, G, G, 1 - beta2)
-        bias_correction1 = [1 - beta1 ** s.item() for s in S]
-        bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in S]
-        step_size = [(lr / bc) * -1 for bc in bias_correction1]
-        denom = _sqrt_into(P, V)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(X, M, denom, step_size)
-        del denom
-        if not direction:
-            continue
-        ES = [extrap_steps[i] for i in idx]
-        if ES[0].is_cpu:
-            torch._foreach_add_(ES, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(ES, 1)
-        bias_correction1 = [1 - beta1 ** s.item() for s in ES]
-        bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in ES]
-        # Local direction from the new anchor, over cache-sized batches of chunks (CPU).
-        Gk, Mk, Vk = ([t[i] for i in idx] for t in (local_grads, extrap_exp_avgs, extrap_exp_avg_sqs))
-        kw = dict(
-            coef=local_coef, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            extrap_lr=extrap_lr,
+        large, idx = _split_large(anchors, idx)
+        if large:  # CPU: finish each large tensor while it is in cache (see _split_large)
+            _single_tensor_extrap_adam(*([t[i] for i in large] for t in lists), **kw)
+        if idx:
+            _foreach_extrap_adam(*([t[i] for i in idx] for t in lists), **kw)
+
+
+def _foreach_extrap_adam(
+    P, X, G, Gk, S, M, V, Mk, Vk, ES, *, lr, extrap_lr, beta1, beta2, eps, weight_decay,
+    local_coef, direction,
+):  # fmt: skip
+    # Base update at the anchor, in torch.optim.AdamW's foreach order (bitwise equal).
+    if S[0].is_cpu:
+        torch._foreach_add_(S, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    else:
+        torch._foreach_add_(S, 1)
+    if weight_decay != 0:
+        torch._foreach_mul_(X, 1 - lr * weight_decay)
+    torch._foreach_lerp_(M, G, 1 - beta1)
+    torch._foreach_mul_(V, beta2)
+    torch._foreach_addcmul_(V, G, G, 1 - beta2)
+    bias_correction1 = [1 - beta1 ** s.item() for s in S]
+    bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in S]
+    step_size = [(lr / bc) * -1 for bc in bias_correction1]
+    denom = torch._foreach_sqrt(V)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(X, M, denom, step_size)
+    del denom
+    if not direction:
+        return
+    if ES[0].is_cpu:
+        torch._foreach_add_(ES, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    else:
+        torch._foreach_add_(ES, 1)
+    bias_correction1 = [1 - beta1 ** s.item() for s in ES]
+    bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in ES]
+    # Local direction from the new anchor; the parameters (x̃_t is dead) serve as the scratch.
+    for batch in _batches((P, X, Gk, Mk, Vk, bias_correction1, bias_correction2_sqrt)):
+        _foreach_adam_direction_(
+            *batch, coef=local_coef, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, extrap_lr=extrap_lr,
         )  # fmt: skip
-        for batch in _batches((P, X, Gk, Mk, Vk, bias_correction1, bias_correction2_sqrt)):
-            if len(batch[0]) == 1:  # a chunk of a large CPU tensor: out= kernels, fewer passes
-                *tensors, bc1, bc2_sqrt = (t[0] for t in batch)
-                _adam_direction_(*tensors, bc1=bc1, bc2_sqrt=bc2_sqrt, **kw)
-            else:
-                _foreach_adam_direction_(*batch, **kw)
 
 
-def _sqrt_into(out: list[Tensor], V: list[Tensor]) -> list[Tensor]:
-    """√v, bitwise as ``torch._foreach_sqrt(V)``: into the scratch ``out`` for large CPU tensors.
-
-    (On CPU a fresh allocation of a large tensor costs page faults; small ones and accelerator
-    tensors get a new, cheap allocation, saving the copy's memory traffic.)
-    """
-    if not out[0].is_cpu:
-        return torch._foreach_sqrt(V)
-    roots, small = list(out), []
-    for j, (o, v) in enumerate(zip(out, V)):
-        if _is_large(o):
-            torch.sqrt(v, out=o)
-        else:
-            small.append(j)
-    if small:
-        for j, r in zip(small, torch._foreach_sqrt([V[j] for j in small])):
-            roots[j] = r
-    return roots
-
-
-def _foreach_adam_direction_(P, X, Gk, Mk, Vk, BC1, BC2_sqrt, *, coef, beta1, beta2, eps, weight_decay, extrap_lr):
+def _foreach_adam_direction_(
+    P, X, Gk, Mk, Vk, BC1, BC2_sqrt, *, coef, beta1, beta2, eps, weight_decay, extrap_lr
+):  # fmt: skip
     """Foreach form of :func:`_adam_direction_`: in-place operations only, P as the scratch."""
     if coef != 1.0:
         torch._foreach_copy_(P, Gk)
@@ -361,7 +357,8 @@ def _foreach_adam_direction_(P, X, Gk, Mk, Vk, BC1, BC2_sqrt, *, coef, beta1, be
     torch._foreach_copy_(P, Vk)
     torch._foreach_sqrt_(P)
     torch._foreach_add_(P, [eps * b2 for b2 in BC2_sqrt])
-    torch._foreach_div_(P, Mk)  # (√ṽ + ε')/m̃, then its reciprocal: m̃/(√ṽ + ε') in place
+    # (√ṽ + ε')/m̃, then its reciprocal: m̃/(√ṽ + ε'), in place
+    torch._foreach_div_(P, Mk)
     torch._foreach_reciprocal_(P)
     torch._foreach_mul_(P, [-extrap_lr * b2 / b1 for b1, b2 in zip(BC1, BC2_sqrt)])
     torch._foreach_add_(P, X, alpha=1 - extrap_lr * weight_decay)

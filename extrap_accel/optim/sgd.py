@@ -284,8 +284,13 @@ def _single_tensor_extrap_sgd(
             )  # fmt: skip
 
 
-def _sgd_direction_(p, x, gk, ubuf=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first):
-    """p ← x − γ̃·d:  ĥ = c·gᵏ + λx,  ũ ← m̃ũ + ĥ (ũ = ĥ at first),  d = ĥ + m̃ũ (heavy ball: ũ)."""
+def _sgd_direction_(
+    p, x, gk, ubuf=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first
+):
+    """p ← x − γ̃·d:  ĥ = c·gᵏ + λx,  ũ ← m̃ũ + ĥ (ũ = ĥ at first),  d = ĥ + m̃ũ (heavy ball ũ).
+
+    One tensor or one chunk; p is the scratch (it may be overwritten before it is read).
+    """
     if coef != 1.0:
         hk = torch.mul(gk, coef, out=p)
         if weight_decay != 0:
@@ -312,54 +317,75 @@ def _multi_tensor_extrap_sgd(
     params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, *,
     lr, extrap_lr, momentum, extrap_momentum, weight_decay, nesterov, local_coef, direction,
 ):  # fmt: skip
-    # The parameters hold x̃_t, which is dead once the gradients exist: temporaries go into them.
+    kw = dict(
+        lr=lr, extrap_lr=extrap_lr, momentum=momentum, extrap_momentum=extrap_momentum,
+        weight_decay=weight_decay, nesterov=nesterov, local_coef=local_coef, direction=direction,
+    )  # fmt: skip
     for idx in _group_by_device_and_dtype(anchors):
-        P = [params[i] for i in idx]
-        X = [anchors[i] for i in idx]
-        G = [grads[i] for i in idx]
-        # Base update at the anchor, torch.optim.SGD's foreach operations in its order (bitwise
-        # equal), with h in P rather than in a new allocation (or, as torch, in place in .grad).
-        H = G if weight_decay == 0 else _add_into(P, G, X, weight_decay)
-        if momentum != 0:
-            bufs = _update_buffers(momentum_buffers, idx, H, momentum)
-            if nesterov and H is G:
-                H = _add_into(P, G, bufs, momentum)
-            elif nesterov:
-                torch._foreach_add_(H, bufs, alpha=momentum)
+        large, idx = _split_large(anchors, idx)
+        if large:  # CPU: finish each large tensor while it is in cache (see _split_large)
+            lists = [[t[i] for i in large] for t in (momentum_buffers, extrap_buffers)]
+            _single_tensor_extrap_sgd(
+                *([t[i] for i in large] for t in (params, anchors, grads, local_grads)),
+                *lists,
+                **kw,
+            )  # fmt: skip
+            for j, i in enumerate(large):
+                momentum_buffers[i], extrap_buffers[i] = lists[0][j], lists[1][j]
+        if idx:
+            _foreach_extrap_sgd(
+                params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, idx, **kw
+            )  # fmt: skip
+
+
+def _foreach_extrap_sgd(
+    params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, idx, *,
+    lr, extrap_lr, momentum, extrap_momentum, weight_decay, nesterov, local_coef, direction,
+):  # fmt: skip
+    P = [params[i] for i in idx]
+    X = [anchors[i] for i in idx]
+    G = [grads[i] for i in idx]
+    # Base update at the anchor, in torch.optim.SGD's foreach order (bitwise equal).
+    H = G if weight_decay == 0 else torch._foreach_add(G, X, alpha=weight_decay)
+    if momentum != 0:
+        bufs = _update_buffers(momentum_buffers, idx, H, momentum)
+        if nesterov and H is G:
+            # torch adds in place into the gradients; g stays intact for the local step.
+            H = torch._foreach_add(G, bufs, alpha=momentum)
+        elif nesterov:
+            torch._foreach_add_(H, bufs, alpha=momentum)
+        else:
+            H = bufs
+    torch._foreach_add_(X, H, alpha=-lr)
+    del H
+    if not direction:
+        return
+    # Local direction from the new anchor; the parameters (x̃_t is dead) serve as the scratch.
+    Gk = [local_grads[i] for i in idx]
+    U, first = None, False
+    if extrap_momentum != 0:
+        U = [extrap_buffers[i] for i in idx]
+        if any(u is None for u in U):
+            if not all(u is None for u in U):  # a partial state: restart ũ where missing
+                for j, i in enumerate(idx):
+                    if U[j] is None:
+                        U[j] = extrap_buffers[i] = torch.zeros_like(X[j])
             else:
-                H = bufs
-        torch._foreach_add_(X, H, alpha=-lr)
-        del H
-        if not direction:
-            continue
-        # Local direction from the new anchor, over cache-sized batches of chunks (CPU).
-        Gk = [local_grads[i] for i in idx]
-        U, first = None, False
-        if extrap_momentum != 0:
-            U = [extrap_buffers[i] for i in idx]
-            if any(u is None for u in U):
-                if not all(u is None for u in U):  # a partial state: restart ũ where missing
-                    for j, i in enumerate(idx):
-                        if U[j] is None:
-                            U[j] = extrap_buffers[i] = torch.zeros_like(X[j])
-                else:
-                    U = [torch.empty_like(x) for x in X]
-                    for i, u in zip(idx, U):
-                        extrap_buffers[i] = u
-                    first = True
-        lists = (P, X, Gk) if U is None else (P, X, Gk, U)
-        kw = dict(
-            coef=local_coef, weight_decay=weight_decay, momentum=extrap_momentum,
+                U = [torch.empty_like(x) for x in X]
+                for i, u in zip(idx, U):
+                    extrap_buffers[i] = u
+                first = True
+    lists = (P, X, Gk) if U is None else (P, X, Gk, U)
+    for batch in _batches(lists):
+        _foreach_sgd_direction_(
+            *batch, coef=local_coef, weight_decay=weight_decay, momentum=extrap_momentum,
             nesterov=nesterov, extrap_lr=extrap_lr, first=first,
         )  # fmt: skip
-        for batch in _batches(lists):
-            if len(batch[0]) == 1:  # a chunk of a large CPU tensor: out= kernels, fewer passes
-                _sgd_direction_(*(t[0] for t in batch), **kw)
-            else:
-                _foreach_sgd_direction_(*batch, **kw)
 
 
-def _foreach_sgd_direction_(P, X, Gk, U=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first):
+def _foreach_sgd_direction_(
+    P, X, Gk, U=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first
+):
     """Foreach form of :func:`_sgd_direction_`: in-place operations only, P as the scratch."""
     Hk = Gk
     if coef != 1.0 or weight_decay != 0:
@@ -386,33 +412,12 @@ def _foreach_sgd_direction_(P, X, Gk, U=None, *, coef, weight_decay, momentum, n
         torch._foreach_mul_(P, -extrap_lr)
         torch._foreach_add_(P, X)
         return
-    torch._foreach_copy_(P, X)  # ĥ = gᵏ:  P = x − γ̃·gᵏ − γ̃m̃·ũ (or x − γ̃·ũ)
+    # ĥ = gᵏ:  P = x − γ̃·gᵏ − γ̃m̃·ũ (heavy ball: x − γ̃·ũ)
+    torch._foreach_copy_(P, X)
     if U is None or nesterov:
         torch._foreach_add_(P, Gk, alpha=-extrap_lr)
     if U is not None:
         torch._foreach_add_(P, U, alpha=-extrap_lr * momentum if nesterov else -extrap_lr)
-
-
-def _add_into(out: list[Tensor], A: list[Tensor], B: list[Tensor], alpha: float) -> list[Tensor]:
-    """A + alpha·B, bitwise as ``torch._foreach_add(A, B, alpha=alpha)`` (the same kernel).
-
-    On CPU the large tensors go into the owned scratch ``out`` with ``out=`` (a fresh allocation
-    there costs page faults; a CPU foreach op is a loop over the same per-tensor kernels anyway);
-    the small ones, and every tensor elsewhere, into a new allocation (cheap there).
-    """
-    if not out[0].is_cpu:
-        return torch._foreach_add(A, B, alpha=alpha)
-    H, small = list(out), []
-    for j, (o, a, b) in enumerate(zip(out, A, B)):
-        if _is_large(o):
-            torch.add(a, b, alpha=alpha, out=o)
-        else:
-            small.append(j)
-    if small:
-        sums = torch._foreach_add([A[j] for j in small], [B[j] for j in small], alpha=alpha)
-        for j, h in zip(small, sums):
-            H[j] = h
-    return H
 
 
 def _update_buffers(buffers: list, idx: list[int], H: list[Tensor], momentum: float) -> list:
@@ -432,13 +437,31 @@ def _update_buffers(buffers: list, idx: list[int], H: list[Tensor], momentum: fl
 
 # On CPU the step is bound by memory bandwidth. The base update keeps torch's operations (for
 # bitwise equality), but the passes of the local direction may be reordered: they run over
-# chunks of _CHUNK_BYTES per buffer, which stay in cache from one pass to the next, so that
-# each buffer crosses the memory bus about once for the whole direction.
-_CHUNK_BYTES = 1 << 20
+# chunks of _CHUNK_BYTES per buffer, which stay in the last-level cache from one pass to the
+# next, so that each buffer crosses the memory bus about once for the whole direction.
+# Tensors of _LARGE_BYTES and more take the per-tensor kernels on CPU (see _split_large).
+_CHUNK_BYTES = 4 << 20
+_LARGE_BYTES = 1 << 20
 
 
 def _is_large(t: Tensor) -> bool:
-    return t.numel() * t.element_size() >= _CHUNK_BYTES
+    return t.numel() * t.element_size() >= _LARGE_BYTES
+
+
+def _split_large(anchors: list[Tensor], idx: list[int]) -> tuple[list[int], list[int]]:
+    """(large, rest) of one device group: the large tensors only on CPU, else ([], idx).
+
+    A CPU foreach op is a loop over the same per-tensor kernels as the single-tensor path, so
+    the foreach path gains nothing on large CPU tensors and loses locality: running base update
+    and direction of one tensor back to back finds its buffers still in the last-level cache.
+    The small tensors keep the foreach ops (one dispatch for many tensors).
+    """
+    if not anchors[idx[0]].is_cpu:
+        return [], idx
+    large = [i for i in idx if _is_large(anchors[i])]
+    if not large:
+        return [], idx
+    return large, [i for i in idx if not _is_large(anchors[i])]
 
 
 def _chunks(items: tuple):
@@ -457,11 +480,9 @@ def _chunks(items: tuple):
 
 
 def _batches(lists: tuple[list, ...]):
-    """Aligned lists for the direction's passes: the whole lists, except on CPU.
-
-    On CPU each cache-sized chunk of a large tensor comes alone (a batch of length 1, for the
-    per-tensor ``out=`` kernels), and the small tensors in foreach batches of about
-    _CHUNK_BYTES per list. The first list holds tensors; lists of per-tensor scalars follow them.
+    """Aligned lists for the direction's passes: on CPU batches of about _CHUNK_BYTES per list
+    (large tensors in cache-sized chunks), which stay in cache from one pass to the next;
+    elsewhere the whole lists. The first list holds tensors; lists of per-tensor scalars follow.
     """
     if not lists[0][0].is_cpu:
         yield lists
@@ -470,16 +491,13 @@ def _batches(lists: tuple[list, ...]):
     batch: list[list] = [[] for _ in lists]
     size = 0
     for items in zip(*lists):
-        if _is_large(items[0]):
-            for piece in _chunks(items):
-                yield [[t] for t in piece]
-            continue
-        for out, t in zip(batch, items):
-            out.append(t)
-        size += items[0].numel()
-        if size >= chunk:
-            yield batch
-            batch, size = [[] for _ in lists], 0
+        for piece in _chunks(items) if items[0].numel() >= 2 * chunk else (items,):
+            for out, t in zip(batch, piece):
+                out.append(t)
+            size += piece[0].numel()
+            if size >= chunk:
+                yield batch
+                batch, size = [[] for _ in lists], 0
     if batch[0]:
         yield batch
 
