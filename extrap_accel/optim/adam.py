@@ -77,22 +77,6 @@ class ExtrapAdam(ExtrapOptimizer):
         for group in self.param_groups:
             check_param_group_options(group, supports=("past",))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW step at the anchor, then x̃ for the next forward into the parameters."""
-        if not self._begin_step():
-            return None
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        coefs = self._local_clip_coef()
-        for i, group in enumerate(self.param_groups):
-            self._step_group(group, coefs.get(i, 1.0))
-        if not self.base_update_only:  # (DeepSpeed: the adapter still needs them, and resets)
-            self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
-        return loss
-
     def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
         params = self._params_with_grad(group)
         if not params:

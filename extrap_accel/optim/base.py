@@ -504,6 +504,32 @@ class ExtrapOptimizer(Optimizer):
             self.load_local_state_dict(pending)
 
     # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step at the anchor, then x̃ for the next forward into the parameters.
+
+        ``closure`` (zero grads, forward, backward, return loss) is optional, and required by
+        ``extrapolation="fresh"``, which calls it twice: at the anchor and at x̃.
+        """
+        if not self._begin_step():
+            return None
+        loss = None
+        if any(group["extrapolation"] == "fresh" for group in self.param_groups):
+            self._fresh_pass(closure)
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        coefs = self._local_clip_coef()
+        for i, group in enumerate(self.param_groups):
+            self._step_group(group, coefs.get(i, 1.0))
+        if not self.base_update_only:  # (DeepSpeed: the adapter still needs them, and resets)
+            self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
+        return loss
+
+    def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
+        """The base update of one group and, unless ``base_update_only``, its next x̃."""
+        raise NotImplementedError
+
     def _first_noise_placement(self) -> None:
         """Noise variants perturb from t = 0: place x̃₀ = x₀ + ξ₀ as soon as the optimizer exists.
 
