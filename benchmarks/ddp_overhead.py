@@ -8,7 +8,7 @@ SGD, ...) after a warm-up, so that the ratios share the machine's conditions:
 * optimizer-state bytes: every tensor in the optimizer's state plus extrap_accel's captured local
   gradients (``_capture.nbytes()``), per parameter and as a ratio to SGD's momentum buffer;
 * collective calls per step: ``gloo:`` events under ``torch.profiler`` (as
-  tests/distributed/ddp_worker.py's ``count_collectives``), and the elements they move.
+  ``extrap_accel.diagnostics.count_collectives``), and the elements they move.
 
 Models: ResNet-20 (full width, 32×32 inputs, local batch 32) and the 2-layer LSTM language model of
 benchmarks/reproduce.py (vocabulary 2000, 128 units, 4 rows × 25 tokens per rank).
@@ -39,25 +39,9 @@ for _path in (REPO, os.path.join(REPO, "recipes")):
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from extrap_accel.diagnostics import count_collectives  # noqa: E402
 
 MOMENTUM = 0.9
-
-
-def count_collectives(fn) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    calls, elements = 0, 0
-    for event in prof.events():
-        if event.name.startswith("gloo:"):
-            calls += 1
-            for shape in event.input_shapes or []:
-                n = 1
-                for s in shape:
-                    n *= s
-                elements += n if shape else 0
-    return {"calls": calls, "elements": elements}
 
 
 def make(task: str):

@@ -24,6 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import extrap_accel  # noqa: E402
+from extrap_accel.diagnostics import count_collectives  # noqa: E402
 from reference import ReferenceExtrapSGD  # noqa: E402
 
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-2
@@ -143,23 +144,6 @@ def check_i1(accelerator, results):
             opt.step()
             opt.zero_grad()
     results["i1_equal"] = all(torch.equal(p, q) for p, q in zip(params_of(a), params_of(b)))
-
-
-def count_collectives(fn) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    calls, elements = 0, 0
-    for event in prof.events():
-        if event.name.startswith("gloo:"):
-            calls += 1
-            for shape in event.input_shapes or []:
-                n = 1
-                for s in shape:
-                    n *= s
-                elements += n if shape else 0
-    return {"calls": calls, "elements": elements}
 
 
 def check_i3(accelerator, results):
