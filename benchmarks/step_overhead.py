@@ -27,7 +27,7 @@ minimum and every timing. On a shared machine other processes inflate the median
 two or more threads an OpenMP barrier waits for a descheduled thread): ``--threads 1`` with
 ``--clock cpu`` (this thread's CPU time) is the contention-robust variant.
 
-Run (about 2 minutes on a 2-core CPU)::
+Run (about 30 s on an idle 2-core CPU)::
 
     python benchmarks/step_overhead.py --repeats 30 --json benchmarks/step_overhead.json
 
