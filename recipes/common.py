@@ -30,6 +30,7 @@ Optimizers and schedules (pure functions of the step)
     inverse_sqrt_lr(step, *, peak_lr, warmup_steps, warmup_init_lr=0.0) -> float
     resolve_warmup_steps(args, steps_per_epoch) -> int
     lr_schedule(args, *, num_processes, total_steps, steps_per_epoch) -> Callable[[int], float]
+    plan_steps(args, steps_per_epoch, num_processes, *, too_small) -> (max_steps, lr_at)
     set_lr(optimizer, lr) -> None
     disable_extrapolation(optimizer) -> None       extrap_scale = 0 in every group (footnote 9)
     apply_extrap_until(optimizer, args, step) -> bool
@@ -42,6 +43,7 @@ Accelerate glue
     TrainState                             the step counter in every checkpoint
     register_rank_state(accelerator, name, obj, required=True)   per-rank state (LSTM hidden)
     resume(accelerator, args, state) -> str | None   --resume_from_checkpoint DIR | latest
+    start_run(accelerator, args, model, optimizer, state, project) -> (meter, post_local, logger)
     save_checkpoint(accelerator, args, step) -> str   output_dir/checkpoint-<step>
     find_latest_checkpoint(output_dir) -> str | None
 
@@ -541,6 +543,21 @@ def lr_schedule(args: TrainingArguments, *, num_processes: int, total_steps: int
     )  # fmt: skip
 
 
+def plan_steps(args: TrainingArguments, steps_per_epoch: int, num_processes: int, *,
+               too_small: str) -> tuple[int, Callable[[int], float]]:
+    """``max_steps`` (``--max_steps``, else epochs × steps per epoch) and the LR schedule.
+
+    ``too_small`` is the DataError message when the data do not fill one optimizer step.
+    """
+    if steps_per_epoch == 0:
+        raise DataError(too_small)
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        args.num_train_epochs * steps_per_epoch
+    )
+    return max_steps, lr_schedule(args, num_processes=num_processes, total_steps=max_steps,
+                                  steps_per_epoch=steps_per_epoch)  # fmt: skip
+
+
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -761,6 +778,18 @@ def resume(accelerator, args: TrainingArguments, state: TrainState) -> str | Non
 
 
 # ============================================================================ logging
+
+
+def start_run(accelerator, args: TrainingArguments, model, optimizer, state: TrainState,
+              project: str):
+    """Once everything is registered for checkpointing: the smoothness meter, the resume (which
+    moves ``state.step``), post-local SGD from that step, and the logger. Returns
+    ``(meter, post_local, logger)``."""
+    meter = smoothness_meter(accelerator, args, optimizer)
+    resume(accelerator, args, state)
+    post_local = enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
+    logger = MetricsLogger(accelerator, args, project, state.step)
+    return meter, post_local, logger
 
 
 def progress_bar(accelerator, total: int, initial: int = 0):

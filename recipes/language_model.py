@@ -290,19 +290,16 @@ def training_function(args: LMArguments) -> dict[str, float]:
     optimizer = common.wrap_lars(args, optimizer)
 
     windows = (train.shape[1] - 1) // args.bptt  # optimizer steps per epoch
-    if windows == 0:
-        raise common.DataError(f"the training stream is shorter than one BPTT window ({args.bptt})")
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * windows)
-    lr_at = common.lr_schedule(args, num_processes=world, total_steps=max_steps,
-                               steps_per_epoch=windows)  # fmt: skip
+    max_steps, lr_at = common.plan_steps(
+        args, windows, world,
+        too_small=f"the training stream is shorter than one BPTT window ({args.bptt})",
+    )  # fmt: skip
 
     state, hidden = common.TrainState(), HiddenState(device)
     accelerator.register_for_checkpointing(state)
     common.register_rank_state(accelerator, "lstm_hidden", hidden)
-    meter = common.smoothness_meter(accelerator, args, optimizer)
-    common.resume(accelerator, args, state)
-    post_local = common.enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
-    logger = common.MetricsLogger(accelerator, args, "extrap_accel_language_model", state.step)
+    meter, post_local, logger = common.start_run(accelerator, args, model, optimizer, state,
+                                                 "extrap_accel_language_model")  # fmt: skip
     accelerator.on_main_process(vocab.save)(os.path.join(args.output_dir, "vocab.json"))
     n_params = sum(p.numel() for p in model.parameters())
     accelerator.print(

@@ -380,22 +380,16 @@ def training_function(args: TranslateArguments) -> dict[str, float]:
     world = accelerator.num_processes
     global_batch = args.per_device_train_batch_size * world
     steps_per_epoch = len(train_dl)
-    if steps_per_epoch == 0:
-        raise common.DataError(
-            f"{len(train_src)} training pairs are fewer than one global batch ({global_batch})"
-        )
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
-        args.num_train_epochs * steps_per_epoch
-    )
-    lr_at = common.lr_schedule(args, num_processes=world, total_steps=max_steps,
-                               steps_per_epoch=steps_per_epoch)  # fmt: skip
+    max_steps, lr_at = common.plan_steps(
+        args, steps_per_epoch, world,
+        too_small=f"{len(train_src)} training pairs are fewer than one global batch "
+        f"({global_batch})",
+    )  # fmt: skip
 
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
-    meter = common.smoothness_meter(accelerator, args, optimizer)
-    common.resume(accelerator, args, state)
-    post_local = common.enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
-    logger = common.MetricsLogger(accelerator, args, "extrap_accel_translate", state.step)
+    meter, post_local, logger = common.start_run(accelerator, args, model, optimizer, state,
+                                                 "extrap_accel_translate")  # fmt: skip
     accelerator.on_main_process(tokenizer.save)(os.path.join(args.output_dir, "tokenizer.json"))
     n_params = sum(p.numel() for p in model.parameters())
     warmup = common.resolve_warmup_steps(args, steps_per_epoch)

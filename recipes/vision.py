@@ -25,7 +25,6 @@ local directory with splits ``train`` and ``test`` and columns ``img`` (PIL imag
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -279,22 +278,16 @@ def training_function(args: VisionArguments) -> dict[str, float]:
     world = accelerator.num_processes
     global_batch = args.per_device_train_batch_size * world
     steps_per_epoch = len(train_dl)
-    if steps_per_epoch == 0:
-        raise common.DataError(
-            f"{len(train_x)} training images are fewer than one global batch ({global_batch})"
-        )
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
-        args.num_train_epochs * steps_per_epoch
-    )
-    lr_at = common.lr_schedule(args, num_processes=world, total_steps=max_steps,
-                               steps_per_epoch=steps_per_epoch)  # fmt: skip
+    max_steps, lr_at = common.plan_steps(
+        args, steps_per_epoch, world,
+        too_small=f"{len(train_x)} training images are fewer than one global batch "
+        f"({global_batch})",
+    )  # fmt: skip
 
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
-    meter = common.smoothness_meter(accelerator, args, optimizer)
-    common.resume(accelerator, args, state)
-    post_local = common.enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
-    logger = common.MetricsLogger(accelerator, args, "extrap_accel_vision", state.step)
+    meter, post_local, logger = common.start_run(accelerator, args, model, optimizer, state,
+                                                 "extrap_accel_vision")  # fmt: skip
     accelerator.print(
         f"{args.model} ×{args.width} on {args.dataset}: {len(train_x)} train / {len(test_x)} test "
         f"images, {num_classes} classes; K={world}, global batch {global_batch}, lr "
