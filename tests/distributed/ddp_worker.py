@@ -200,6 +200,19 @@ def check_saving(accelerator, results, model, optimizer, tmp):
     }
 
 
+def train_trace(accelerator, model, opt, rank, steps):
+    """Train on this rank's batches; per step, every parameter (x̃) and every anchor."""
+    trace = []
+    for t in steps:
+        x, y = batch(rank, t)
+        accelerator.backward(loss_fn(model, x, y))
+        opt.step()
+        opt.zero_grad()
+        trace.append([p.detach().clone() for p in params_of(model)]
+                     + [opt.optimizer.anchor(p).clone() for p in params_of(model)])
+    return trace
+
+
 def check_resume(accelerator, results, tmp, variant_kwargs=None, key="resume"):
     """save_state / load_state: bit-identical continuation on every rank."""
     from accelerate import Accelerator
@@ -208,33 +221,22 @@ def check_resume(accelerator, results, tmp, variant_kwargs=None, key="resume"):
     kwargs = dict(lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
     kwargs.update(variant_kwargs or {})
 
-    def train(model, opt, steps):
-        trace = []
-        for t in steps:
-            x, y = batch(rank, t)
-            accelerator.backward(loss_fn(model, x, y))
-            opt.step()
-            opt.zero_grad()
-            trace.append([p.detach().clone() for p in params_of(model)]
-                         + [opt.optimizer.anchor(p).clone() for p in params_of(model)])
-        return trace
-
     acc1 = Accelerator(cpu=True)
     model = make_model()
     opt = extrap_accel.ExtrapSGD(model.parameters(), **kwargs)
     model, opt = extrap_accel.prepare(acc1, model, opt)
-    train(model, opt, range(3))
+    train_trace(acc1, model, opt, rank, range(3))
     ckpt = os.path.join(tmp, key)
     acc1.save_state(ckpt)
     acc1.wait_for_everyone()
-    expected = train(model, opt, range(3, 6))
+    expected = train_trace(acc1, model, opt, rank, range(3, 6))
 
     acc2 = Accelerator(cpu=True)
     model2 = make_model(seed=123)  # different weights: everything must come from the checkpoint
     opt2 = extrap_accel.ExtrapSGD(model2.parameters(), **kwargs)
     model2, opt2 = extrap_accel.prepare(acc2, model2, opt2)
     acc2.load_state(ckpt)
-    got = train(model2, opt2, range(3, 6))
+    got = train_trace(acc2, model2, opt2, rank, range(3, 6))
     results[key] = {
         "bit_identical": all(torch.equal(a, b) for e, g in zip(expected, got)
                              for a, b in zip(e, g)),
@@ -350,32 +352,21 @@ def check_post_local_resume(accelerator, results, start_step=2, period=3):
                                                         period=period)
         return model, opt, post_local
 
-    def train(acc, model, opt, steps):
-        trace = []
-        for t in steps:
-            x, y = batch(rank, t)
-            acc.backward(loss_fn(model, x, y))
-            opt.step()
-            opt.zero_grad()
-            trace.append([p.detach().clone() for p in params_of(model)]
-                         + [opt.optimizer.anchor(p).clone() for p in params_of(model)])
-        return trace
-
     acc1 = Accelerator(cpu=True)
     model, opt, _ = build(acc1, 0)
-    train(acc1, model, opt, range(4))  # steps 2, 3 are local: anchors differ per rank now
+    train_trace(acc1, model, opt, rank, range(4))  # steps 2, 3 are local: anchors now differ
     differ = any(not torch.equal(*gather(opt.optimizer.anchor(p))) for p in params_of(model))
     with tempfile.TemporaryDirectory() as d:
         shared = [d]
         dist.broadcast_object_list(shared, src=0)
         acc1.save_state(shared[0])
         accelerator.wait_for_everyone()
-        expected = train(acc1, model, opt, range(4, 9))
+        expected = train_trace(acc1, model, opt, rank, range(4, 9))
         acc2 = Accelerator(cpu=True)
         model2, opt2, post_local2 = build(acc2, 5)
         acc2.load_state(shared[0])
         post_local2.resume_at(4)
-        got = train(acc2, model2, opt2, range(4, 9))
+        got = train_trace(acc2, model2, opt2, rank, range(4, 9))
         accelerator.wait_for_everyone()
     results["post_local_resume"] = {
         "anchors_differed_at_save": differ,
