@@ -394,12 +394,33 @@ class DeepSpeedExtrapolation:
         path, _ = result if isinstance(result, tuple) else (result, None)
         if path is None:
             return result
-        local_path = local_state_path(os.path.dirname(path) if os.path.isfile(path) else path,
-                                      self.optimizer.rank)  # fmt: skip
-        if os.path.exists(local_path):
-            self.load_local_state_dict(torch.load(local_path, map_location="cpu",
-                                                  weights_only=True))  # fmt: skip
+        self._load_local_file(os.path.dirname(path) if os.path.isfile(path) else path)
         return result
+
+    def restore_local_state(self, load_dir: str, tag: str | None = None) -> bool:
+        """Put this rank's x̃ and local state back from a checkpoint the engine loaded before
+        the adapter was attached (the weights hold the anchor then). ``tag`` as in
+        ``engine.load_checkpoint``: None reads ``<load_dir>/latest``. False if the checkpoint
+        has no file for this rank."""
+        if tag is None:
+            latest = os.path.join(load_dir, "latest")
+            if not os.path.isfile(latest):
+                return False
+            with open(latest) as f:
+                tag = f.read().strip()
+        if self.state:
+            raise RuntimeError(
+                "restore_local_state: this adapter has already placed x̃; load the checkpoint "
+                "with engine.load_checkpoint instead"
+            )
+        return self._load_local_file(os.path.join(load_dir, str(tag)))
+
+    def _load_local_file(self, tag_dir: str) -> bool:
+        path = local_state_path(tag_dir, self.optimizer.rank)
+        if not os.path.exists(path):
+            return False
+        self.load_local_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True
 
 
 def attach_engine(engine, optimizer=None):
