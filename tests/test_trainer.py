@@ -8,6 +8,8 @@ assert on it. The setup errors are checked directly.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import types
@@ -190,19 +192,29 @@ def test_optimizer_cls_and_kwargs_is_attached_when_the_trainer_builds_it(tmp_pat
     assert callback.handle is not None and callback.handle.optimizer is trainer.optimizer
 
 
-def _stub_trainer(optimizer=None, deepspeed=None, enabled=True):
+def _stub_trainer(optimizer=None, deepspeed=None, enabled=True, cls_and_kwargs=None):
     return types.SimpleNamespace(
         is_deepspeed_enabled=enabled, is_fsdp_enabled=False, optimizer=optimizer,
-        args=types.SimpleNamespace(deepspeed=deepspeed),
+        args=types.SimpleNamespace(deepspeed=deepspeed), optimizer_cls_and_kwargs=cls_and_kwargs,
     )  # fmt: skip
 
 
-def test_deepspeed_with_optimizers_fails_loudly():
+def test_deepspeed_setups_that_cannot_work_fail_loudly():
+    zero1 = {"zero_optimization": {"stage": 1}}
     opt = ExtrapAdam(torch.nn.Linear(2, 2).parameters())
     with pytest.raises(ValueError, match="discards.*optimizer_cls_and_kwargs=\\(ExtrapAdam"):
-        _check_backend(_stub_trainer(opt, {"zero_optimization": {"stage": 1}}))
-    with pytest.raises(NotImplementedError, match="DeepSpeed path is not supported yet"):
-        _check_backend(_stub_trainer(None, {"zero_optimization": {"stage": 1}}))
+        _check_backend(_stub_trainer(opt, zero1))
+    named = dict(zero1, optimizer={"type": "AdamW", "params": {"lr": 1e-3}})
+    with pytest.raises(ValueError, match="names an optimizer \\('AdamW'\\).*Remove"):
+        _check_backend(_stub_trainer(None, named, cls_and_kwargs=(ExtrapAdam, {})))
+    stochastic = (ExtrapSGD, {"lr": 0.1, "extrapolation": "stochastic"})
+    with pytest.raises(NotImplementedError, match="'stochastic' is not correct at DeepSpeed ZeRO"):
+        _check_backend(_stub_trainer(None, zero1, cls_and_kwargs=stochastic))
+    filterwise = (ExtrapSGD, {"lr": 0.1, "extrapolation": "gaussian", "filterwise": True})
+    with pytest.raises(NotImplementedError, match="'filterwise' is not correct at .* stage 3"):
+        _check_backend(_stub_trainer(None, {"zero_optimization": {"stage": 3}},
+                                     cls_and_kwargs=filterwise))  # fmt: skip
+    _check_backend(_stub_trainer(None, zero1, cls_and_kwargs=(ExtrapAdam, {})))  # supported
     _check_backend(_stub_trainer(opt, None, enabled=False))  # no DeepSpeed: fine
 
 
@@ -215,15 +227,18 @@ config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer
                                  bos_token_id=0, eos_token_id=0)
 ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
       "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}
-args = transformers.TrainingArguments(sys.argv[1], use_cpu=True, report_to="none", deepspeed=ds)
 errors = {}
-for way in ("optimizers", "optimizer_cls_and_kwargs"):
+for way in ("optimizers", "config_optimizer"):
     AcceleratorState._reset_state(True)  # one DeepSpeed Accelerator per process otherwise
     model = transformers.GPT2LMHeadModel(config)
     if way == "optimizers":
         kwargs = {"optimizers": (ExtrapAdam(model.parameters()), None)}
+        cfg = ds
     else:
         kwargs = {"optimizer_cls_and_kwargs": (ExtrapAdam, {"lr": 1e-3})}
+        cfg = dict(ds, optimizer={"type": "ExtrapAdam", "params": {"lr": 1e-3}})
+    args = transformers.TrainingArguments(sys.argv[1], use_cpu=True, report_to="none",
+                                          deepspeed=cfg)
     trainer = transformers.Trainer(model=model, args=args, **kwargs)
     try:
         extrap_accel.attach(trainer)
@@ -234,9 +249,10 @@ print("RESULT " + json.dumps(errors))
 """
 
 
-def test_a_real_deepspeed_trainer_is_refused(tmp_path):
-    """TrainingArguments(deepspeed=...) and Trainer(...) build on CPU (training would not):
-    both ways of passing an extrap optimizer fail at attach, never train with another one.
+def test_a_real_deepspeed_trainer_that_would_drop_the_optimizer_is_refused(tmp_path):
+    """TrainingArguments(deepspeed=...) + Trainer(...): an optimizer passed with optimizers=
+    (the Trainer would discard it) and a DeepSpeed config naming an optimizer (the Trainer
+    would hand that to DeepSpeed) fail at attach, never train with another optimizer.
     In a subprocess: the DeepSpeed setup leaves process-wide accelerate state behind."""
     pytest.importorskip("deepspeed")
     env = cpu_env()
@@ -248,8 +264,86 @@ def test_a_real_deepspeed_trainer_is_refused(tmp_path):
     errors = json.loads(lines[0][len("RESULT "):])
     name, message, enabled = errors["optimizers"]
     assert enabled and name == "ValueError" and "optimizer_cls_and_kwargs" in message
-    name, message, enabled = errors["optimizer_cls_and_kwargs"]
-    assert enabled and name == "NotImplementedError" and "DeepSpeed" in message
+    name, message, enabled = errors["config_optimizer"]
+    assert enabled and name == "ValueError" and "'ExtrapAdam'" in message
+
+
+# ---------------------------------------------------------------------- Trainer + DeepSpeed
+DS_WORKER = "tests/distributed/trainer_deepspeed_worker.py"
+DS_CONFIGS = ["z0-fp32", "z1-fp16", "z2-bf16-ga2", "z3-bf16"]
+
+
+def _deepspeed_trainer_cmd(out, configs, n=2):
+    launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable),
+                                                          "deepspeed")
+    return [launcher, "--num_gpus", str(n), "--no_local_rank", "--master_port", str(free_port()),
+            DS_WORKER, "--configs", *configs, "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_trainer(tmp_path_factory):
+    """One `deepspeed` launch (2 CPU processes, gloo) over every configuration and I1."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("trainer_deepspeed")
+    run([_deepspeed_trainer_cmd(out, DS_CONFIGS + ["i1"])], accelerate_use_cpu=False)
+    loaded = {c: load_results(str(out), f"trainer_ds_{c}", 2) for c in DS_CONFIGS + ["i1"]}
+    for config, ranks in loaded.items():
+        for r in ranks:
+            assert "error" not in r, f"{config}:\n{r['error']}"
+    return loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", DS_CONFIGS)
+def test_trainer_with_deepspeed_trains_saves_and_resumes_the_anchor(deepspeed_trainer, config):
+    """optimizer_cls_and_kwargs + TrainingArguments(deepspeed=...) + attach(trainer): the engine
+    steps ExtrapAdam through the adapter, ranks sit at their own x̃ (ZeRO-3: one mixed point),
+    every checkpoint (also checkpoint-4, saved without an evaluation), save_model and
+    push_to_hub hold the anchor, every rank saves its own state, and resume is bit-identical."""
+    stage = int(config[1])
+    precision = config.split("-")[1]
+    for rank, r in enumerate(deepspeed_trainer[config]):
+        assert r["world_size"] == 2 and r["engine"] == "DeepSpeedEngine" and r["stage"] == stage
+        assert (r["bf16"], r["fp16"]) == (precision == "bf16", precision == "fp16")
+        assert r["gradient_accumulation_steps"] == (2 if config.endswith("ga2") else 1)
+        assert r["optimizer_is_extrap"] and r["global_steps"] == 8
+        assert r["displaced"] and r["anchors_equal_across_ranks"]
+        assert r["points_equal_across_ranks"] == (stage == 3)
+        for step, c in r["checkpoints"].items():
+            assert c["local_file"], (rank, step)
+        for when in ("mid_training", "after_training"):
+            assert r[when]["points_untouched"], (rank, when)
+        for step, resumed in r["resume"].items():
+            assert resumed == {"point": True, "anchor": True, "master": True}, (rank, step)
+    main = deepspeed_trainer[config][0]
+    assert main["checkpoints"][TRAIN_MODE_CKPT]["training_at_save"]
+    for step, c in main["checkpoints"].items():
+        assert c["weights_are_anchor"] and c["weights_differ_from_point"], step
+    assert main["mid_training"]["training"]
+    for when in ("mid_training", "after_training"):
+        s = main[when]
+        assert s["save_model_is_anchor"] and s["save_model_differs_from_point"], when
+        assert s["push_to_hub_is_anchor"], when
+
+
+@pytest.mark.slow
+def test_trainer_with_deepspeed_i1_extrap_scale_zero_is_torch_adamw(deepspeed_trainer):
+    for r in deepspeed_trainer["i1"]:
+        assert r["moved"] and r["bit_identical"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL, fp16 kernels)")
+def test_trainer_with_deepspeed_on_gpu(tmp_path):  # pragma: no cover - run on a GPU machine
+    """The same worker on CUDA devices (NCCL), where the Trainer needs no CPU workaround."""
+    n = min(2, torch.cuda.device_count())
+    run([_deepspeed_trainer_cmd(tmp_path, ["z2-bf16-ga2", "z1-fp16"], n)],
+        accelerate_use_cpu=False)
+    for config in ("z2-bf16-ga2", "z1-fp16"):
+        for r in load_results(str(tmp_path), f"trainer_ds_{config}", n):
+            assert "error" not in r, r.get("error")
+            assert all(v == {"point": True, "anchor": True, "master": True}
+                       for v in r["resume"].values())
 
 
 def test_import_extrap_accel_does_not_import_transformers():

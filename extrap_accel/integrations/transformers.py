@@ -10,8 +10,9 @@
     extrap_accel.attach(trainer)  # once, before trainer.train()
     trainer.train()               # also trainer.train(resume_from_checkpoint=...)
 
-Single process and DDP (``torchrun``; on CPU ``TrainingArguments(use_cpu=True,
-ddp_backend="gloo")``) are supported.
+Single process, DDP (``torchrun``; on CPU ``TrainingArguments(use_cpu=True,
+ddp_backend="gloo")``) and DeepSpeed ZeRO-0/1/2/3 (``TrainingArguments(deepspeed=...)`` with
+``optimizer_cls_and_kwargs``) are supported.
 
 Why ``attach`` is needed: the Trainer calls ``optimizer.train()`` in every training step and
 ``optimizer.eval()`` in the evaluation loop, but never before it saves. A checkpoint saved at a
@@ -47,21 +48,34 @@ and 4.47.1 on one process; ``optimizer_cls_and_kwargs`` needs transformers >= 4.
   process's optimizer state, so every rank continues bit for bit from its own x̃. The model
   weights in the checkpoint are the anchor; the Trainer loads them before the optimizer.
 
+Under DeepSpeed (``TrainingArguments(deepspeed=...)``) the Trainer builds the optimizer from
+``optimizer_cls_and_kwargs`` and hands it to DeepSpeed; ``attach(trainer)`` then installs
+extrap_accel's engine adapter (``extrap_accel.integrations.deepspeed``, the same one
+``extrap_accel.prepare`` uses under accelerate) on ``trainer.model_wrapped`` when training
+begins, or, when resuming, right after the Trainer has loaded the DeepSpeed checkpoint into the
+engine (before any step; the adapter then puts this rank's x̃ back from its own file). Every
+checkpoint goes through ``engine.save_checkpoint`` (called on every rank), which writes the
+anchor and ``checkpoint-N/global_stepN/extrap_accel_rank{r}.pt``; ``save_model`` and
+``push_to_hub`` write the anchor (ZeRO-3: set ``stage3_gather_16bit_weights_on_model_save``, or
+the Trainer saves only a DeepSpeed checkpoint). Which variant works at which ZeRO stage is the
+README's DeepSpeed table; the rest is refused at ``attach``.
+
 Not supported (``attach`` raises):
 
-- DeepSpeed. The Trainer discards an optimizer passed with ``optimizers=`` and builds its own
-  (``transformers.integrations.deepspeed.deepspeed_init`` sets ``trainer.optimizer = None``), so
-  that case is refused with a pointer to ``optimizer_cls_and_kwargs``. With
-  ``optimizer_cls_and_kwargs`` the Trainer would need extrap_accel's DeepSpeed engine adapter
-  (``extrap_accel.integrations.deepspeed``) attached to ``trainer.model_wrapped`` and its
-  checkpoints to go through it; that wiring is not written, because it cannot be verified
-  here: Trainer + DeepSpeed on CPU fails upstream (the world size is seen as 1), so it needs
-  GPUs. It is refused too (NotImplementedError). DeepSpeed works through accelerate
-  (``extrap_accel.prepare``) or ``attach(engine, optimizer)``.
+- Under DeepSpeed, an optimizer passed with ``optimizers=``: the Trainer discards it and builds
+  its own (``transformers.integrations.deepspeed.deepspeed_init`` sets ``trainer.optimizer =
+  None``); likewise a DeepSpeed config with an ``"optimizer"`` section, which the Trainer would
+  hand to DeepSpeed instead. Both are refused with a pointer to ``optimizer_cls_and_kwargs``.
 - FSDP (each rank's x̃ would be sharded), as everywhere in extrap_accel.
 - Any optimizer that is not an extrap_accel optimizer (TypeError), including the Trainer's
   default when neither ``optimizers`` nor ``optimizer_cls_and_kwargs`` is given.
 - ``model_init`` with more than one ``train()`` (hyperparameter search) is untested.
+
+Trainer + DeepSpeed on CPU (tests, laptops): the Trainer's DeepSpeed setup passes no backend to
+accelerate and counts one process. Create the process group first and let the Trainer use it:
+``os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"; PartialState(backend="gloo")`` and
+``TrainingArguments(..., use_cpu=True, accelerator_config={"use_configured_state": True})``
+(``tests/distributed/trainer_deepspeed_worker.py``). On GPUs nothing of this is needed.
 
 With ``hub_strategy="checkpoint"`` the per-rank files are written after the Trainer started
 uploading the checkpoint folder, so the uploaded copy may lack them; the local folder has them.
@@ -119,6 +133,7 @@ class ExtrapTrainerCallback(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         self.handle: AttachHandle | None = None
+        self.adapter = None  # the DeepSpeed engine adapter, under DeepSpeed
         self._originals = {
             "_save_checkpoint": trainer._save_checkpoint,
             "_load_optimizer_and_scheduler": trainer._load_optimizer_and_scheduler,
@@ -157,11 +172,25 @@ class ExtrapTrainerCallback(TrainerCallback):
                 "optimizer_cls_and_kwargs=(ExtrapAdam, {...})"
             ) from None
 
+    @property
+    def deepspeed(self) -> bool:
+        return _deepspeed_enabled(self.trainer)
+
     def attach_model(self) -> AttachHandle | None:
-        """``attach(trainer.model, optimizer)`` once the optimizer exists (idempotent)."""
+        """``attach(trainer.model, optimizer)`` once the optimizer exists (idempotent); under
+        DeepSpeed, ``attach(engine, optimizer)`` once the Trainer has built the engine."""
         opt = self.optimizer
         if opt is None:
             return None
+        if self.deepspeed:
+            engine = self.trainer.model_wrapped
+            if type(engine).__name__ != "DeepSpeedEngine":
+                return None  # not built yet (train() builds it)
+            from .deepspeed import attach_engine
+
+            self.adapter = attach_engine(engine, opt)
+            self.handle = self.adapter.handle
+            return self.handle
         if self.handle is None or self.handle.optimizer is not opt:
             self.handle = attach(self.trainer.model, opt)
         scaler = getattr(self.trainer.accelerator, "scaler", None)
@@ -180,14 +209,16 @@ class ExtrapTrainerCallback(TrainerCallback):
         # would sum every step's local gradient under DDP. Called before the first micro-batch
         # of each optimizer step, where the Trainer has already set the gradients to None.
         opt = self.optimizer
-        if opt is not None:
+        if opt is not None and not self.deepspeed:  # (DeepSpeed: the adapter restarts gᵏ)
             opt.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial, *args: Any, **kwargs: Any):
         out = self._originals["_save_checkpoint"](model, trial, *args, **kwargs)
         opt = self.optimizer
-        if opt is not None and not self.trainer.args.save_only_model:
+        # (DeepSpeed: engine.save_checkpoint, which the Trainer calls on every rank, writes each
+        # rank's file through the engine adapter)
+        if opt is not None and not self.trainer.args.save_only_model and not self.deepspeed:
             folder = os.path.join(
                 self.trainer._get_output_dir(trial=trial),
                 f"{_CHECKPOINT_PREFIX}-{self.trainer.state.global_step}",
@@ -203,6 +234,9 @@ class ExtrapTrainerCallback(TrainerCallback):
         load = self._originals["_load_optimizer_and_scheduler"]
         opt = self.optimizer
         if checkpoint is None or opt is None:
+            return load(checkpoint, *args, **kwargs)
+        if self.deepspeed:
+            self._restore_deepspeed(checkpoint)
             return load(checkpoint, *args, **kwargs)
         # Attach before loading, as extrap_accel.prepare does: a noise variant places x̃₀ at
         # attach, which must not overwrite the loaded x̃.
@@ -231,14 +265,48 @@ class ExtrapTrainerCallback(TrainerCallback):
                 )
 
 
+    def _restore_deepspeed(self, checkpoint: str) -> None:
+        """The Trainer has just loaded ``checkpoint`` into the engine (``deepspeed_load_checkpoint``,
+        before any step, so the weights hold the saved anchor): attach the engine adapter now
+        and put this rank's x̃ and local state back from its own file."""
+        if self.attach_model() is None:
+            raise RuntimeError(
+                "attach(trainer): the Trainer resumed a DeepSpeed checkpoint before building "
+                "the engine; extrap_accel cannot restore the extrapolation state"
+            )
+        if not self.adapter.restore_local_state(checkpoint) and self.trainer.args.world_size > 1:
+            warnings.warn(
+                f"extrap_accel: {checkpoint} has no local extrapolation state for rank "
+                f"{self.trainer.args.process_index}; this rank starts again from the anchor",
+                stacklevel=3,
+            )
+
+
 # ---------------------------------------------------------------------- setup checks
+def _deepspeed_enabled(trainer) -> bool:
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) or trainer.args.deepspeed)
+
+
+def _deepspeed_config(trainer) -> dict:
+    hf_config = getattr(trainer.args, "hf_deepspeed_config", None)
+    if hf_config is not None:
+        return hf_config.config
+    config = trainer.args.deepspeed
+    if isinstance(config, dict):
+        return config
+    import json
+
+    with open(config) as f:
+        return json.load(f)
+
+
 def _check_backend(trainer) -> None:
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_fsdp_xla_enabled", False):
         raise NotImplementedError(
             "extrap_accel does not support FSDP yet (each rank's x̃ would be sharded across "
             "ranks); use DDP"
         )
-    if not (getattr(trainer, "is_deepspeed_enabled", False) or trainer.args.deepspeed):
+    if not _deepspeed_enabled(trainer):
         return
     if trainer.optimizer is not None:
         raise ValueError(
@@ -247,12 +315,26 @@ def _check_backend(trainer) -> None:
             "(AdamW or the DeepSpeed config's). Pass the class instead: "
             "Trainer(..., optimizer_cls_and_kwargs=(ExtrapAdam, {'lr': ...}))"
         )
-    raise NotImplementedError(
-        "attach(trainer): the Trainer's DeepSpeed path is not supported yet (extrap_accel's "
-        "DeepSpeed engine adapter is not wired into the Trainer). Train the Trainer with DDP "
-        "(torchrun without deepspeed=), or use DeepSpeed through accelerate with "
-        "extrap_accel.prepare(accelerator, model, optimizer, ...)."
-    )
+    named = _deepspeed_config(trainer).get("optimizer")
+    if named is not None:
+        raise ValueError(
+            "attach(trainer): the DeepSpeed config names an optimizer "
+            f"({named.get('type')!r}); the Trainer would hand it to DeepSpeed instead of the "
+            "extrap_accel one. Remove the \"optimizer\" section from the DeepSpeed config and pass "
+            "Trainer(..., optimizer_cls_and_kwargs=(ExtrapAdam, {'lr': ...}))"
+        )
+    # the variant against the ZeRO stage now, not after the Trainer has built the engine
+    from .deepspeed import SUPPORT
+
+    stage = _deepspeed_config(trainer).get("zero_optimization", {}).get("stage", 0)
+    kwargs = (getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, {}))[1]
+    variant = "filterwise" if kwargs.get("filterwise") else kwargs.get("extrapolation", "past")
+    if isinstance(stage, int) and variant in SUPPORT and stage not in SUPPORT[variant]:
+        allowed = ", ".join(map(str, SUPPORT[variant])) or "none"
+        raise NotImplementedError(
+            f"extrapolation={variant!r} is not correct at DeepSpeed ZeRO stage {stage} "
+            f"(supported stages: {allowed}); use extrapolation='past' or change the stage"
+        )
 
 
 def _check_optimizer(trainer) -> None:
