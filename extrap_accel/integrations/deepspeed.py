@@ -17,7 +17,9 @@ config) installs a :class:`DeepSpeedExtrapolation` adapter:
   whole by ``stage3_param_persistence_threshold``: the shards are perturbed inside the step,
   before DeepSpeed all-gathers the persistent parameters, so no communication is added and
   every later re-gather (DeepSpeed re-gathers in backward when it re-traces) sees the same
-  point.
+  point. Swapping the anchor in or out (evaluation, save) and loading change the shards
+  outside the step: the adapter then releases and re-gathers the persistent parameters itself
+  (one collective per swap or load, none per training step).
 
 Only the anchor is ever evaluated or saved: no-grad forwards, ``engine.module.state_dict()``,
 ``save_checkpoint`` / ``load_checkpoint`` and ZeRO-3's consolidated state dict run with the
@@ -198,9 +200,17 @@ class DeepSpeedExtrapolation:
         return hasattr(p, "ds_tensor")
 
     def _regather_persistent(self) -> None:
-        """ZeRO-3 keeps small parameters gathered: refresh them from the shards (collective)."""
+        """ZeRO-3 keeps small parameters gathered: refresh them from the shards (collective).
+
+        DeepSpeed's ``all_gather`` skips parameters that are already AVAILABLE, and persistent
+        ones always are between steps: release their full copies first (``partition`` of a
+        parameter that has a shard only frees ``p.data``, it writes nothing back), or the
+        forward would keep reading the stale full copy while a re-gather in backward (during
+        DeepSpeed's trace iteration, e.g. the first step of a fresh engine) reads the shards.
+        """
         persistent = getattr(self.engine.optimizer, "persistent_parameters", None)
         if self.stage == 3 and persistent:
+            persistent[0].partition(persistent)
             persistent[0].all_gather(persistent)
 
     def _shard_range(self, p: Tensor) -> tuple[int, int]:

@@ -154,7 +154,6 @@ def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_
     rank, dtype = dist.get_rank(), DTYPES[precision]
     engine, opt, adapter = build(stage, precision, threshold)
     params = list(engine.module.parameters())
-    sharded = stage == 3 and threshold == 0
     u = [None] * len(params)  # each rank's own float64 local momentum, for the expected x̃
     r = {k: [] for k in ("i4_err_ulps", "i6_err", "anchors_equal", "points_differ",
                          "mixed_point_consistent", "skipped", "unchanged_after_skip")}
@@ -209,7 +208,7 @@ def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_
         r.setdefault("own_err_ulps", []).append(max(own))
         r["points_differ"].append(differ)
         r["anchors_equal"].append(all(torch.equal(*gather(fp32_anchor(p, adapter))) for p in params))
-        if sharded:  # all ranks compute at one mixed point: each shard from its owner
+        if stage == 3:  # all ranks compute at one mixed point: each shard from its owner
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(params):
@@ -229,6 +228,17 @@ def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_
     r["extra_bytes_per_param"] = extra_bytes_per_param(engine, opt, adapter)
     results["extrapolation"] = r
     return engine, opt, adapter
+
+
+def persistent_is_mixed_point(engine) -> bool:
+    """ZeRO-3: the full copies DeepSpeed keeps of persistent parameters (what the forward reads)
+    equal the gathered shards (what a re-gather in backward reads). True below ZeRO-3."""
+    ok = True
+    for p in engine.module.parameters():
+        if getattr(p, "ds_persist", False):
+            full = torch.cat(gather(p.ds_tensor.view(-1)))[: p.ds_numel].view(p.ds_shape)
+            ok &= p.data.shape == p.ds_shape and torch.equal(p.data, full)
+    return bool(ok)
 
 
 def check_i1(stage, precision, threshold, results, adam=False):
@@ -278,6 +288,7 @@ def check_saving_and_resume(stage, precision, threshold, results, tmp):
         evaluated = engine(x)
     out["no_grad_forward_is_anchor"] = bool(torch.allclose(evaluated.float(), plain(x).float(),
                                                            rtol=0, atol=0))
+    persistent_ok = [persistent_is_mixed_point(engine)]  # after the swaps of a no-grad forward
     points = [adapter.point(p).clone() for p in params]
     out["weights_still_extrapolated"] = any(
         not torch.equal(pt, adapter.anchor(p)) for pt, p in zip(points, params))
@@ -287,6 +298,7 @@ def check_saving_and_resume(stage, precision, threshold, results, tmp):
     out["local_file"] = os.path.exists(os.path.join(ckpt, "t3", f"extrap_accel_rank{rank}.pt"))
     out["unchanged_by_save"] = all(torch.equal(adapter.point(p), pt)
                                    for p, pt in zip(params, points))
+    persistent_ok.append(persistent_is_mixed_point(engine))  # after save_checkpoint
 
     def trace(engine, adapter):
         rows = []
@@ -300,6 +312,8 @@ def check_saving_and_resume(stage, precision, threshold, results, tmp):
     expected = trace(engine, adapter)
     engine2, opt2, adapter2 = build(stage, precision, threshold, seed=7)
     engine2.load_checkpoint(ckpt, tag="t3")
+    persistent_ok.append(persistent_is_mixed_point(engine2))  # after load_checkpoint
+    out["persistent_is_mixed_point"] = persistent_ok
     got = trace(engine2, adapter2)
     out["resume_bit_identical"] = all(torch.equal(a, b) for e, g in zip(expected, got)
                                       for a, b in zip(e, g))

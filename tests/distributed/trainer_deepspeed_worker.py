@@ -53,7 +53,6 @@ CUDA = torch.cuda.is_available()
 def ds_config(stage: int) -> dict:
     zero = {"stage": stage}
     if stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0  # every parameter sharded
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_model writes weights
     return {
         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
