@@ -8,7 +8,8 @@ Each configuration trains a tiny GPT-2 with ``Trainer(..., optimizer_cls_and_kwa
 (trainer)`` for 8 steps, saving every 2 and evaluating every 3 steps (checkpoint-4 is saved
 without an evaluation, checkpoint-6 right after one), ``save_model`` + ``push_to_hub`` (the Hub
 faked) from a callback at step 5; then fresh Trainers resume from checkpoint-4 and -6. Tags:
-``z<stage>-<fp32|bf16|fp16>[-ga2]``; ``i1`` compares ExtrapAdam(extrap_scale=0) with torch's
+``z<stage>-<fp32|bf16|fp16>[-ga2]`` (ZeRO-3 with DeepSpeed's default persistence threshold: the
+tiny model's parameters all stay gathered); ``i1`` compares ExtrapAdam(extrap_scale=0) with torch's
 AdamW through the same Trainer + ZeRO-2. Each rank writes
 ``<out>/trainer_ds_<tag>_rank<r>.json``; tests/test_trainer.py asserts on it.
 
