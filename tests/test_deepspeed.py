@@ -177,3 +177,24 @@ def test_deepspeed_gpu(tmp_path):  # pragma: no cover - run on a GPU machine
     for config in ("z2-bf16", "z2-fp16"):
         for r in load_results(str(tmp_path), f"deepspeed_{config}", n):
             assert "error" not in r and r["saving"]["resume_bit_identical"]
+
+
+def test_zero_plus_plus_hierarchical_partitioning_is_refused():
+    """hpZ keeps secondary copies of the weight shards that the adapter would not update;
+    it needs more than 2 ranks to build, so this runs on a stand-in engine."""
+    import types
+
+    import extrap_accel
+    from extrap_accel.integrations.deepspeed import check_supported
+
+    def engine(hpz):
+        return types.SimpleNamespace(
+            zero_optimization_stage=lambda: 3, zero_offload_optimizer=lambda: False,
+            zero_offload_param=lambda: False, fp16_enabled=lambda: False,
+            bfloat16_enabled=lambda: True, zero_hpz_partition_size=lambda: hpz, optimizer=None,
+        )  # fmt: skip
+
+    optimizer = extrap_accel.ExtrapSGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(NotImplementedError, match="zero_hpz_partition_size=8.*set .* to 1"):
+        check_supported(engine(8), optimizer)
+    check_supported(engine(1), optimizer)

@@ -70,6 +70,13 @@ def check_supported(engine, optimizer: ExtrapOptimizer) -> None:
             "CPU copy, out of reach of the per-rank extrapolation): remove offload_optimizer / "
             "offload_param from the DeepSpeed config"
         )
+    hpz = getattr(engine, "zero_hpz_partition_size", lambda: 1)()
+    if stage == 3 and hpz and hpz > 1:
+        raise NotImplementedError(
+            "extrap_accel does not support ZeRO++ hierarchical partitioning "
+            f"(zero_hpz_partition_size={hpz}): its secondary copies of the weight shards would "
+            "not see x̃ placed or the anchor swapped in; set zero_hpz_partition_size to 1"
+        )
     if stage == 0 and engine.fp16_enabled():
         raise NotImplementedError(
             "DeepSpeed ZeRO-0 with fp16 is broken upstream (the loss is never scaled in "
