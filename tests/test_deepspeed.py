@@ -179,22 +179,33 @@ def test_deepspeed_gpu(tmp_path):  # pragma: no cover - run on a GPU machine
             assert "error" not in r and r["saving"]["resume_bit_identical"]
 
 
-def test_zero_plus_plus_hierarchical_partitioning_is_refused():
-    """hpZ keeps secondary copies of the weight shards that the adapter would not update;
-    it needs more than 2 ranks to build, so this runs on a stand-in engine."""
+def test_setup_checks_on_config_options_a_two_rank_cpu_launch_cannot_build():
+    """hpZ needs more ranks than 2 and offload a real offload device, so these run on a
+    stand-in engine: offload sections with device "none" (accelerate's plugin writes them)
+    pass, real offload and hpZ are refused, and a ZeRO-3 inference engine is refused."""
     import types
 
     import extrap_accel
     from extrap_accel.integrations.deepspeed import check_supported
 
-    def engine(hpz):
+    def engine(hpz=1, offload=None, param_offload=None, training=True):
         return types.SimpleNamespace(
-            zero_optimization_stage=lambda: 3, zero_offload_optimizer=lambda: False,
-            zero_offload_param=lambda: False, fp16_enabled=lambda: False,
-            bfloat16_enabled=lambda: True, zero_hpz_partition_size=lambda: hpz, optimizer=None,
+            zero_optimization_stage=lambda: 3, zero_offload_optimizer=lambda: offload,
+            zero_offload_param=lambda: param_offload, fp16_enabled=lambda: False,
+            bfloat16_enabled=lambda: True, zero_hpz_partition_size=lambda: hpz,
+            optimizer=types.SimpleNamespace(_post_step=None) if training else object(),
         )  # fmt: skip
 
     optimizer = extrap_accel.ExtrapSGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    check_supported(engine(), optimizer)
+    check_supported(engine(offload={"device": "none"}, param_offload={"device": "none"}),
+                    optimizer)  # fmt: skip
+    with pytest.raises(NotImplementedError, match='device of offload_param to "none"'):
+        check_supported(engine(offload={"device": "none"}, param_offload={"device": "cpu"}),
+                        optimizer)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="offload_optimizer to"):
+        check_supported(engine(offload=types.SimpleNamespace(device="nvme")), optimizer)
     with pytest.raises(NotImplementedError, match="zero_hpz_partition_size=8.*set .* to 1"):
-        check_supported(engine(8), optimizer)
-    check_supported(engine(1), optimizer)
+        check_supported(engine(hpz=8), optimizer)
+    with pytest.raises(RuntimeError, match="without a training optimizer.*call train\(\) first"):
+        check_supported(engine(training=False), optimizer)

@@ -132,8 +132,9 @@ def _tiny_model():
     return transformers.GPT2LMHeadModel(config)
 
 
-def _trainer(tmp_path, **kwargs):
-    args = transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
+def _trainer(tmp_path, auto_find_batch_size=False, **kwargs):
+    args = transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none",
+                                          auto_find_batch_size=auto_find_batch_size)  # fmt: skip
     return transformers.Trainer(model=kwargs.pop("model", None) or _tiny_model(), args=args,
                                 **kwargs)  # fmt: skip
 
@@ -270,7 +271,11 @@ def test_a_real_deepspeed_trainer_that_would_drop_the_optimizer_is_refused(tmp_p
 
 # ---------------------------------------------------------------------- Trainer + DeepSpeed
 DS_WORKER = "tests/distributed/trainer_deepspeed_worker.py"
-DS_CONFIGS = ["z0-fp32", "z1-fp16", "z2-bf16-ga2", "z3-bf16"]
+# ZeRO-0..3 × fp32/bf16/fp16, gradient accumulation (ga2), ZeRO-3 with the default persistence
+# threshold (z3-bf16: every parameter of the tiny model stays gathered) and 0 (t0: all sharded),
+# a noise variant, and DeepSpeed from accelerate's plugin (no deepspeed= in the arguments)
+DS_CONFIGS = ["z0-fp32", "z0-bf16", "z1-fp16", "z1-bf16-gaussian", "z2-bf16-ga2",
+              "z2-fp32-plugin", "z3-bf16", "z3-fp16-t0"]
 
 
 def _deepspeed_trainer_cmd(out, configs, n=2):
@@ -306,7 +311,10 @@ def test_trainer_with_deepspeed_trains_saves_and_resumes_the_anchor(deepspeed_tr
         assert r["world_size"] == 2 and r["engine"] == "DeepSpeedEngine" and r["stage"] == stage
         assert (r["bf16"], r["fp16"]) == (precision == "bf16", precision == "fp16")
         assert r["gradient_accumulation_steps"] == (2 if config.endswith("ga2") else 1)
-        assert r["optimizer_is_extrap"] and r["global_steps"] == 8
+        assert r["optimizer"] == ("ExtrapSGD" if "gaussian" in config else "ExtrapAdam")
+        assert r["global_steps"] == 8
+        if "plugin" in config:  # accelerate writes {"device": "none"} sections: not offload
+            assert r["offload_sections"] == ["offload_optimizer", "offload_param"]
         assert r["displaced"] and r["anchors_equal_across_ranks"]
         assert r["points_equal_across_ranks"] == (stage == 3)
         for step, c in r["checkpoints"].items():
@@ -327,6 +335,20 @@ def test_trainer_with_deepspeed_trains_saves_and_resumes_the_anchor(deepspeed_tr
 
 
 @pytest.mark.slow
+def test_trainer_with_deepspeed_refuses_a_resume_it_cannot_continue_on_every_rank(
+    deepspeed_trainer,
+):
+    """A checkpoint lacking rank 1's file, or saved by 4 processes, raises on both ranks
+    (one rank raising alone would leave the other waiting in a collective)."""
+    for r in deepspeed_trainer["z2-bf16-ga2"]:
+        refusals = r["resume_refusals"]
+        assert "per-rank state for 1 of 2 ranks" in refusals["rank1_file_missing"]
+        assert "saved with 4 processes" in refusals["other_world_size"]
+        for message in refusals.values():
+            assert "resume with the number of processes that saved it" in message
+
+
+@pytest.mark.slow
 def test_trainer_with_deepspeed_i1_extrap_scale_zero_is_torch_adamw(deepspeed_trainer):
     for r in deepspeed_trainer["i1"]:
         assert r["moved"] and r["bit_identical"]
@@ -344,6 +366,14 @@ def test_trainer_with_deepspeed_on_gpu(tmp_path):  # pragma: no cover - run on a
             assert "error" not in r, r.get("error")
             assert all(v == {"point": True, "anchor": True, "master": True}
                        for v in r["resume"].values())
+
+
+def test_attach_refuses_auto_find_batch_size(tmp_path):
+    """An out-of-memory retry rebuilds the optimizer from a model holding x̃."""
+    trainer = _trainer(tmp_path, optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3}),
+                       auto_find_batch_size=True)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="auto_find_batch_size.*per_device_train_batch"):
+        extrap_accel.attach(trainer)
 
 
 def test_import_extrap_accel_does_not_import_transformers():

@@ -64,11 +64,22 @@ def check_supported(engine, optimizer: ExtrapOptimizer) -> None:
             "extrap_accel does not support DeepSpeed pipeline parallelism: use data "
             "parallelism (ZeRO-0/1/2/3) without a PipelineModule"
         )
-    if engine.zero_offload_optimizer() or getattr(engine, "zero_offload_param", lambda: None)():
+    offloaded = [
+        key for key, config in (("offload_optimizer", engine.zero_offload_optimizer()),
+                                ("offload_param", engine.zero_offload_param()))
+        if _offload_device(config) not in ("none", None)
+    ]  # fmt: skip
+    if offloaded:
         raise NotImplementedError(
             "extrap_accel does not support ZeRO offload (the optimizer step would run on the "
-            "CPU copy, out of reach of the per-rank extrapolation): remove offload_optimizer / "
-            "offload_param from the DeepSpeed config"
+            "CPU copy, out of reach of the per-rank extrapolation): set the device of "
+            f"{' and '.join(offloaded)} to \"none\" in the DeepSpeed config"
+        )
+    if stage == 3 and not hasattr(engine.optimizer, "_post_step"):
+        raise RuntimeError(
+            "this ZeRO-3 DeepSpeed engine was built without a training optimizer (for "
+            "inference; the Trainer builds one when evaluate() or predict() runs before "
+            "train()): call train() first, or create a new Trainer for training"
         )
     hpz = getattr(engine, "zero_hpz_partition_size", lambda: 1)()
     if stage == 3 and hpz and hpz > 1:
@@ -94,6 +105,15 @@ def check_supported(engine, optimizer: ExtrapOptimizer) -> None:
     direct = stage == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
     if not direct and type(engine.optimizer).__name__ == "LARS":
         raise NotImplementedError("LARS needs per-tensor norms: use it at ZeRO-0 in fp32 only")
+
+
+def _offload_device(config) -> str | None:
+    """The device of a ZeRO offload config (None when absent); accelerate's DeepSpeed plugin
+    writes ``{"device": "none"}`` sections, which offload nothing."""
+    if config is None:
+        return None
+    device = config.get("device") if isinstance(config, dict) else getattr(config, "device", None)
+    return None if device is None else str(getattr(device, "value", device)).lower()
 
 
 class DeepSpeedExtrapolation:
@@ -414,23 +434,34 @@ class DeepSpeedExtrapolation:
         self._load_local_file(os.path.dirname(path) if os.path.isfile(path) else path)
         return result
 
-    def restore_local_state(self, load_dir: str, tag: str | None = None) -> bool:
-        """Put this rank's x̃ and local state back from a checkpoint the engine loaded before
-        the adapter was attached (the weights hold the anchor then). ``tag`` as in
-        ``engine.load_checkpoint``: None reads ``<load_dir>/latest``. False if the checkpoint
-        has no file for this rank."""
+    def read_local_state(self, load_dir: str, tag: str | None = None) -> dict[str, Any] | None:
+        """This rank's saved x̃ and local state in a checkpoint folder, or None if it has none.
+        ``tag`` as in ``engine.load_checkpoint``: None reads ``<load_dir>/latest``."""
         if tag is None:
             latest = os.path.join(load_dir, "latest")
             if not os.path.isfile(latest):
-                return False
+                return None
             with open(latest) as f:
                 tag = f.read().strip()
+        path = local_state_path(os.path.join(load_dir, str(tag)), self.optimizer.rank)
+        if not os.path.exists(path):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def restore_local_state(self, load_dir: str, tag: str | None = None) -> bool:
+        """Put this rank's x̃ and local state back from a checkpoint the engine loaded before
+        the adapter was attached (the weights hold the anchor then). False if the checkpoint
+        has no file for this rank."""
         if self.state:
             raise RuntimeError(
                 "restore_local_state: this adapter has already placed x̃; load the checkpoint "
                 "with engine.load_checkpoint instead"
             )
-        return self._load_local_file(os.path.join(load_dir, str(tag)))
+        local = self.read_local_state(load_dir, tag)
+        if local is None:
+            return False
+        self.load_local_state_dict(local)
+        return True
 
     def _load_local_file(self, tag_dir: str) -> bool:
         path = local_state_path(tag_dir, self.optimizer.rank)

@@ -58,7 +58,14 @@ checkpoint goes through ``engine.save_checkpoint`` (called on every rank), which
 anchor and ``checkpoint-N/global_stepN/extrap_accel_rank{r}.pt``; ``save_model`` and
 ``push_to_hub`` write the anchor (ZeRO-3: set ``stage3_gather_16bit_weights_on_model_save``, or
 the Trainer saves only a DeepSpeed checkpoint). Which variant works at which ZeRO stage is the
-README's DeepSpeed table; the rest is refused at ``attach``.
+README's DeepSpeed table; the rest is refused at ``attach``. DeepSpeed may come from
+``TrainingArguments(deepspeed=...)`` or from accelerate's plugin (``accelerate launch
+--use_deepspeed``). A resume needs every rank's own file, saved with the same number of
+processes; otherwise every rank raises at the load (a checkpoint without any extrap_accel files
+resumes from the anchor, with a warning). As with any optimizer the Trainer builds, its
+``args.weight_decay`` replaces the ``weight_decay`` in ``optimizer_cls_and_kwargs`` (0 for
+biases and norms), and a DeepSpeed ``"scheduler"`` with ``"auto"`` values takes
+``args.learning_rate``.
 
 Not supported (``attach`` raises):
 
@@ -69,6 +76,10 @@ Not supported (``attach`` raises):
 - FSDP (each rank's x̃ would be sharded), as everywhere in extrap_accel.
 - Any optimizer that is not an extrap_accel optimizer (TypeError), including the Trainer's
   default when neither ``optimizers`` nor ``optimizer_cls_and_kwargs`` is given.
+- ``auto_find_batch_size``: after an out-of-memory error the Trainer rebuilds the optimizer
+  (and engine) from a model that holds this rank's x̃.
+- ``train()`` twice on one Trainer under DeepSpeed (the Trainer keeps the engine but builds a
+  new optimizer; it fails upstream too): create a new Trainer.
 - ``model_init`` with more than one ``train()`` (hyperparameter search) is untested.
 
 Trainer + DeepSpeed on CPU (tests, laptops): the Trainer's DeepSpeed setup passes no backend to
@@ -183,14 +194,7 @@ class ExtrapTrainerCallback(TrainerCallback):
         if opt is None:
             return None
         if self.deepspeed:
-            engine = self.trainer.model_wrapped
-            if type(engine).__name__ != "DeepSpeedEngine":
-                return None  # not built yet (train() builds it)
-            from .deepspeed import attach_engine
-
-            self.adapter = attach_engine(engine, opt)
-            self.handle = self.adapter.handle
-            return self.handle
+            return self._attach_engine(opt)
         if self.handle is None or self.handle.optimizer is not opt:
             self.handle = attach(self.trainer.model, opt)
         scaler = getattr(self.trainer.accelerator, "scaler", None)
@@ -198,10 +202,35 @@ class ExtrapTrainerCallback(TrainerCallback):
             opt.set_grad_scaler(scaler)
         return self.handle
 
+    def _attach_engine(self, opt: ExtrapOptimizer) -> AttachHandle | None:
+        from deepspeed import DeepSpeedEngine
+
+        from .deepspeed import attach_engine
+
+        engine = self.trainer.model_wrapped
+        if not isinstance(engine, DeepSpeedEngine):
+            return None  # not built yet (train() builds it)
+        existing = getattr(engine, "_extrap_accel_adapter", None)
+        if existing is not None and existing.optimizer is not opt:
+            raise RuntimeError(
+                "attach(trainer): this Trainer's DeepSpeed engine was already trained with "
+                "another extrap_accel optimizer (train() called again on the same Trainer, which "
+                "rebuilds the optimizer but keeps the engine); create a new Trainer, or resume "
+                "with resume_from_checkpoint"
+            )
+        self.adapter = attach_engine(engine, opt)
+        self.handle = self.adapter.handle
+        return self.handle
+
     # ------------------------------------------------------------------ callback events
     def on_train_begin(self, args, state, control, **kwargs):
         # The Trainer has created the optimizer (optimizer_cls_and_kwargs) and wrapped the model.
-        self.attach_model()
+        if self.attach_model() is None and self.deepspeed:
+            raise RuntimeError(
+                "attach(trainer): the Trainer runs DeepSpeed but trainer.model_wrapped is a "
+                f"{type(self.trainer.model_wrapped).__name__}, not a DeepSpeedEngine; "
+                "extrap_accel cannot install its DeepSpeed adapter"
+            )
 
     def on_step_begin(self, args, state, control, **kwargs):
         # The Trainer clears gradients with model.zero_grad(), never optimizer.zero_grad(), which
@@ -268,18 +297,46 @@ class ExtrapTrainerCallback(TrainerCallback):
     def _restore_deepspeed(self, checkpoint: str) -> None:
         """The Trainer has just loaded ``checkpoint`` into the engine (``deepspeed_load_checkpoint``,
         before any step, so the weights hold the saved anchor): attach the engine adapter now
-        and put this rank's x̃ and local state back from its own file."""
+        and put this rank's x̃ and local state back from its own file.
+
+        Every rank decides the same way (one all-reduce): either each has its own file, saved
+        with this number of processes, or none has (the run starts again from the anchor);
+        anything else raises on every rank instead of leaving some ranks waiting for others.
+        """
+        import torch.distributed as dist
+
         if self.attach_model() is None:
             raise RuntimeError(
                 "attach(trainer): the Trainer resumed a DeepSpeed checkpoint before building "
                 "the engine; extrap_accel cannot restore the extrapolation state"
             )
-        if not self.adapter.restore_local_state(checkpoint) and self.trainer.args.world_size > 1:
-            warnings.warn(
-                f"extrap_accel: {checkpoint} has no local extrapolation state for rank "
-                f"{self.trainer.args.process_index}; this rank starts again from the anchor",
-                stacklevel=3,
-            )
+        args = self.trainer.args
+        local = self.adapter.read_local_state(checkpoint)
+        saved_k = None if local is None else (local.get("world_size") or args.world_size)
+        # [ranks with a file, ranks whose file is for another number of processes]
+        flags = torch.tensor([local is not None, saved_k not in (None, args.world_size)],
+                             dtype=torch.int64, device=self.trainer.model_wrapped.device)  # fmt: skip
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags)
+        with_file, other_k = int(flags[0]), int(flags[1])
+        if other_k or 0 < with_file < args.world_size:
+            raise ValueError(
+                f"attach(trainer): {checkpoint} holds extrap_accel's per-rank state for "
+                f"{with_file} of {args.world_size} ranks"
+                + (f" (saved with {saved_k} processes)" if saved_k not in (None, args.world_size)
+                   else "")
+                + "; each rank's x̃ and local moments belong to one data-parallel worker: resume "
+                "with the number of processes that saved it"
+            )  # fmt: skip
+        if local is None:
+            if args.world_size > 1:
+                warnings.warn(
+                    f"extrap_accel: {checkpoint} has no local extrapolation state (saved without "
+                    "attach(trainer)?); every rank starts again from the anchor",
+                    stacklevel=3,
+                )
+            return
+        self.adapter.load_local_state_dict(local)
 
 
 # ---------------------------------------------------------------------- setup checks
@@ -288,12 +345,21 @@ def _deepspeed_enabled(trainer) -> bool:
 
 
 def _deepspeed_config(trainer) -> dict:
+    """The DeepSpeed config the Trainer will use: accelerate's plugin (also when DeepSpeed comes
+    from ``accelerate launch --use_deepspeed`` rather than ``TrainingArguments(deepspeed=...)``),
+    else the TrainingArguments' one."""
+    state = getattr(getattr(trainer, "accelerator", None), "state", None)
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if plugin is not None and isinstance(getattr(plugin, "deepspeed_config", None), dict):
+        return plugin.deepspeed_config
     hf_config = getattr(trainer.args, "hf_deepspeed_config", None)
     if hf_config is not None:
         return hf_config.config
     config = trainer.args.deepspeed
     if isinstance(config, dict):
         return config
+    if config is None:
+        return {}
     import json
 
     with open(config) as f:
@@ -301,6 +367,13 @@ def _deepspeed_config(trainer) -> dict:
 
 
 def _check_backend(trainer) -> None:
+    if getattr(trainer.args, "auto_find_batch_size", False):
+        raise NotImplementedError(
+            "attach(trainer) does not support auto_find_batch_size: after an out-of-memory "
+            "error the Trainer rebuilds the optimizer (and the DeepSpeed engine) from a model "
+            "that holds this rank's x̃, not the anchor; set per_device_train_batch_size "
+            "explicitly"
+        )
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_fsdp_xla_enabled", False):
         raise NotImplementedError(
             "extrap_accel does not support FSDP yet (each rank's x̃ would be sharded across "

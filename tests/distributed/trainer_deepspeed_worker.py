@@ -51,10 +51,12 @@ ADAM_KWARGS = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-2)
 CUDA = torch.cuda.is_available()
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, threshold: int | None = None) -> dict:
     zero = {"stage": stage}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_model writes weights
+        if threshold is not None:
+            zero["stage3_param_persistence_threshold"] = threshold
     return {
         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
@@ -63,27 +65,54 @@ def ds_config(stage: int) -> dict:
     }  # fmt: skip
 
 
+# DeepSpeed from accelerate's plugin, as `accelerate launch --use_deepspeed --zero_stage 2` sets
+# it: no deepspeed= in the TrainingArguments, offload sections with device "none"
+PLUGIN_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+}  # fmt: skip
+
+
 def make_trainer(tag: str, output_dir: str, callbacks=(), optimizer=None):
+    """``z<stage>-<precision>[-ga2|-t0|-gaussian|-plugin]``: ``t0`` sets ZeRO-3's persistence
+    threshold to 0 (every parameter sharded), ``gaussian`` trains ExtrapSGD with gaussian noise,
+    ``plugin`` takes DeepSpeed from accelerate's plugin instead of ``TrainingArguments``."""
     from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainingArguments
 
     stage, precision, *rest = tag.split("-")
     AcceleratorState._reset_state()  # one Accelerator per Trainer; keeps the process group
     model = make_model()
+    deepspeed = ds_config(int(stage[1:]), threshold=0 if "t0" in rest else None)
     args = TrainingArguments(
         output_dir=output_dir, report_to="none", seed=0, max_steps=MAX_STEPS,
         per_device_train_batch_size=4, per_device_eval_batch_size=4,
         gradient_accumulation_steps=2 if "ga2" in rest else 1,
         save_strategy="steps", save_steps=SAVE_STEPS, eval_strategy="steps",
         eval_steps=EVAL_STEPS, logging_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, max_grad_norm=0.0, deepspeed=ds_config(int(stage[1:])),
+        dataloader_num_workers=0, max_grad_norm=0.0,
+        deepspeed=None if "plugin" in rest else deepspeed,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not CUDA,
         accelerator_config={"use_configured_state": True},
     )  # fmt: skip
+    if optimizer is None and "gaussian" in rest:
+        optimizer = (extrap_accel.ExtrapSGD, dict(lr=0.1, momentum=0.9, extrapolation="gaussian",
+                                                  noise_scale=1e-2, seed=3))  # fmt: skip
     optimizer = optimizer or (extrap_accel.ExtrapAdam, dict(ADAM_KWARGS))
-    return Trainer(model=model, args=args, train_dataset=TokenData(64, seed=1),
-                   eval_dataset=TokenData(8, seed=2), callbacks=list(callbacks),
-                   optimizer_cls_and_kwargs=optimizer)  # fmt: skip
+    saved_env = {k: os.environ.get(k) for k in PLUGIN_ENV}
+    if "plugin" in rest:
+        os.environ.update(PLUGIN_ENV)
+    try:
+        return Trainer(model=model, args=args, train_dataset=TokenData(64, seed=1),
+                       eval_dataset=TokenData(8, seed=2), callbacks=list(callbacks),
+                       optimizer_cls_and_kwargs=optimizer)  # fmt: skip
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _whole(p, shard: torch.Tensor) -> torch.Tensor:
@@ -107,9 +136,14 @@ def snapshot(trainer) -> dict:
         "training": adapter.training if not adapter.direct else adapter.optimizer.training,
         "anchor": {n: _whole(p, adapter.anchor(p)) for n, p in named},
         "point": {n: _whole(p, adapter.point(p)) for n, p in named},
-        "master": {n: (adapter.anchor(p) if adapter.direct else safe_get_full_fp32_param(p))
-                   .detach().float().clone() for n, p in named},  # fmt: skip
+        "master": {n: _master(adapter, p, safe_get_full_fp32_param) for n, p in named},
     }
+
+
+def _master(adapter, p, full_fp32):
+    """The fp32 master of ``p`` (ZeRO-0 bf16 keeps no mapping to it: the adapter's copy)."""
+    master = None if adapter.direct else full_fp32(p)
+    return (adapter.anchor(p) if master is None else master).detach().float().clone()
 
 
 def equal_across_ranks(tensors: dict) -> bool:
@@ -169,7 +203,9 @@ def check_config(tag: str, root: str) -> dict:
         "stage": engine.zero_optimization_stage(),
         "bf16": engine.bfloat16_enabled(), "fp16": engine.fp16_enabled(),
         "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
-        "optimizer_is_extrap": isinstance(adapter.optimizer, extrap_accel.ExtrapAdam),
+        "optimizer": type(adapter.optimizer).__name__,
+        "offload_sections": sorted(k for k in engine.config.get("zero_optimization", {})
+                                   if k.startswith("offload")),
         "global_steps": engine.global_steps,
         "displaced": differs(final["anchor"], final["point"]),
         "anchors_equal_across_ranks": equal_across_ranks(final["anchor"]),
@@ -198,7 +234,41 @@ def check_config(tag: str, root: str) -> dict:
         resumed.train(resume_from_checkpoint=os.path.join(full_dir, f"checkpoint-{step}"))
         got = snapshot(resumed)
         res["resume"][step] = {k: same(got[k], final[k]) for k in ("point", "anchor", "master")}
+    if "ga2" in tag:
+        res["resume_refusals"] = check_resume_refusals(tag, root, full_dir)
     return res
+
+
+def check_resume_refusals(tag: str, root: str, full_dir: str) -> dict:
+    """A checkpoint with rank 1's file missing, or saved with another number of processes,
+    fails on every rank (none is left waiting in a collective)."""
+    import shutil
+
+    rank = dist.get_rank()
+    out = {}
+    source = os.path.join(full_dir, f"checkpoint-{TRAIN_MODE_CKPT}")
+    for case in ("rank1_file_missing", "other_world_size"):
+        folder = os.path.join(root, tag, case)
+        if rank == 0:
+            shutil.copytree(source, folder)
+            tag_dir = os.path.join(folder, f"global_step{TRAIN_MODE_CKPT}")
+            if case == "rank1_file_missing":
+                os.remove(os.path.join(tag_dir, "extrap_accel_rank1.pt"))
+            else:
+                for r in range(dist.get_world_size()):
+                    path = os.path.join(tag_dir, f"extrap_accel_rank{r}.pt")
+                    local = torch.load(path, weights_only=True)
+                    torch.save(dict(local, world_size=4), path)
+        dist.barrier()
+        trainer = make_trainer(tag, os.path.join(root, tag, case + "_run"))
+        extrap_accel.attach(trainer)
+        try:
+            trainer.train(resume_from_checkpoint=folder)
+            out[case] = ""
+        except ValueError as e:
+            out[case] = str(e)
+        dist.barrier()
+    return out
 
 
 def check_i1(root: str) -> dict:
