@@ -207,5 +207,5 @@ def test_setup_checks_on_config_options_a_two_rank_cpu_launch_cannot_build():
         check_supported(engine(offload=types.SimpleNamespace(device="nvme")), optimizer)
     with pytest.raises(NotImplementedError, match="zero_hpz_partition_size=8.*set .* to 1"):
         check_supported(engine(hpz=8), optimizer)
-    with pytest.raises(RuntimeError, match="without a training optimizer.*call train\(\) first"):
+    with pytest.raises(RuntimeError, match=r"without a training optimizer.*call train\(\) first"):
         check_supported(engine(training=False), optimizer)
