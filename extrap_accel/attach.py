@@ -58,12 +58,21 @@ class AttachHandle:
             module.register_state_dict_post_hook(lambda *a: self._state_dict_hook(*a)),
             module.register_load_state_dict_pre_hook(self._load_hook),
         ]
+        # Hugging Face generate() calls submodules directly (an encoder-decoder's encoder), which
+        # the forward hooks above cannot see: the whole call runs at the anchor.
+        self._generate = None
+        if callable(getattr(type(module), "generate", None)) and "generate" not in vars(module):
+            self._generate = module.generate
+            module.generate = self._anchored_generate
         setattr(module, _HANDLE_ATTR, self)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._generate is not None and vars(self.module).get("generate") == self._anchored_generate:
+            del self.module.generate
+            self._generate = None
         if getattr(self.module, _HANDLE_ATTR, None) is self:
             delattr(self.module, _HANDLE_ATTR)
 
@@ -109,6 +118,19 @@ class AttachHandle:
             return
         context, self._context = self._context, None
         context.__exit__(None, None, None)
+
+    def _anchored_generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``module.generate`` at the anchor (it runs without gradients), x̃ back afterwards."""
+        if self._context is not None or not self._needs_anchor_forward():
+            return self._generate(*args, **kwargs)
+        context = self._context = self._anchor_forward()
+        context.__enter__()
+        self._depth = 1
+        try:
+            return self._generate(*args, **kwargs)
+        finally:
+            self._context, self._depth = None, 0
+            context.__exit__(None, None, None)
 
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
         for p, anchor in self._displaced():

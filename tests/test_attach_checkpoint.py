@@ -666,3 +666,43 @@ def test_attach_accepts_a_torch_compile_wrapper():
     for n, _ in named_params(model):
         assert torch.equal(sd["_orig_mod." + n], anchors[n]), n
     assert_params_equal(model, xt)
+
+
+def test_hugging_face_generate_runs_at_the_anchor():
+    """generate() of an encoder-decoder calls the encoder directly, past the root forward
+    hook: attach runs the whole call at the anchor and leaves x̃ in place afterwards."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    config = transformers.MarianConfig(
+        vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=None,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(config)
+    opt = ExtrapAdam(model.parameters(), lr=1e-2, extrap_scale=5.0)
+    ids = torch.randint(2, 32, (2, 6))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    at_point = copy.deepcopy(model)  # x̃ in the weights, no hooks
+    handle = attach(model, opt)
+    at_anchor = copy.deepcopy(at_point)
+    at_anchor.load_state_dict(model.state_dict())  # the anchor
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=1, output_scores=True,
+                  return_dict_in_generate=True)  # fmt: skip
+
+    def scores(m):
+        return torch.stack(m.generate(input_ids=ids, **kwargs).scores)
+
+    got = scores(model)
+    assert torch.equal(got, scores(at_anchor))
+    assert not torch.equal(got, scores(at_point))  # the check can fail
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # x̃ is back
+    handle.remove()
+    assert "generate" not in vars(model)
+    assert torch.equal(scores(model), scores(at_point))
