@@ -4,6 +4,8 @@ Once attached, a forward with gradients disabled (``torch.no_grad`` / ``inferenc
 at the anchor, ``model.state_dict()`` holds the anchor, and ``model.load_state_dict`` moves
 the anchor (keeping this worker's displacement x̃ − x). Training forwards still run at x̃,
 also in ``model.eval()`` mode (frozen BatchNorm): the signal is grad mode, not module mode.
+A Hugging Face model's ``generate()`` runs at the anchor as a whole (it calls an
+encoder-decoder's encoder directly, past the forward hooks).
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ class AttachHandle:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._generate is not None and vars(self.module).get("generate") == self._anchored_generate:
-            del self.module.generate
+        if self._generate is not None:
+            if vars(self.module).get("generate") == self._anchored_generate:
+                del self.module.generate
             self._generate = None
         if getattr(self.module, _HANDLE_ATTR, None) is self:
             delattr(self.module, _HANDLE_ATTR)
