@@ -88,6 +88,14 @@ def test_i1_extrap_scale_zero_is_deepspeed_with_torch_sgd(results, config):
             assert r["i1_adam"] is True
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_i3_no_extra_communication(results, config):
+    """A training step issues the collectives DeepSpeed + torch SGD issues, no more."""
+    for r in results[config]:
+        theirs, ours = r["i3"]["torch_sgd"], r["i3"]["extrap_sgd"]
+        assert theirs["calls"] > 0 and ours == theirs, r["i3"]
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "fp16" in c])
 def test_fp16_overflow_changes_nothing_and_leaves_no_displacement(results, config):
     for r in results[config]:

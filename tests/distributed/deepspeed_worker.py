@@ -241,6 +241,22 @@ def persistent_is_mixed_point(engine) -> bool:
     return bool(ok)
 
 
+def check_i3(stage, precision, threshold, results):
+    """I3: a training step issues the same collectives, moving the same number of elements,
+    as DeepSpeed with torch's SGD (gloo events under the profiler), after 2 warm-up steps
+    (ZeRO-3 traces its first iteration)."""
+    from extrap_accel.diagnostics import count_collectives
+
+    rank, dtype = dist.get_rank(), DTYPES[precision]
+    counts = {}
+    for name in ("torch_sgd", "extrap_sgd"):
+        engine = build(stage, precision, threshold, name)[0]
+        for t in range(2):
+            train_step(engine, rank, t, dtype)
+        counts[name] = count_collectives(lambda: train_step(engine, rank, 2, dtype))
+    results["i3"] = counts
+
+
 def check_i1(stage, precision, threshold, results, adam=False):
     """extrap_scale = 0 equals DeepSpeed with torch's optimizer, bit for bit."""
     rank, dtype = dist.get_rank(), DTYPES[precision]
@@ -383,6 +399,7 @@ def run_config(tag: str, results: dict, tmp: str) -> None:
     overflow_at = 2 if precision == "fp16" else None
     check_extrapolation(stage, precision, threshold, results, steps=5 if overflow_at else 4,
                         overflow_at=overflow_at)
+    check_i3(stage, precision, threshold, results)
     if precision != "fp16":
         check_i1(stage, precision, threshold, results)
         if stage in (0, 2):
