@@ -491,6 +491,8 @@ class ExtrapOptimizer(Optimizer):
                 if state and shown in state:
                     p.copy_(state.pop(shown))
                     state[held] = state[held].clone(memory_format=torch.preserve_format)
+        if any("anchor" in st or "extrapolated" in st for st in self.state.values()):
+            self._initial_placement_pending = False  # the checkpoint's x̃ is this run's x̃
         self._world_size = None
         self._checkpoint_world_size = extra.get("world_size")
         self._rank = None
