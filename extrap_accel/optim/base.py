@@ -316,7 +316,8 @@ class ExtrapOptimizer(Optimizer):
                 "this optimizer is being stepped on tensors that are not the model's "
                 "parameters (DeepSpeed's fp32 copies): call extrap_accel.attach(engine, "
                 "optimizer) after deepspeed.initialize, or use extrap_accel.prepare / "
-                "extrap_accel.integrations.deepspeed.initialize"
+                "extrap_accel.integrations.deepspeed.initialize; with the Hugging Face "
+                "Trainer, extrap_accel.attach(trainer) before trainer.train()"
             )
         self._check_train_mode()
         self._resolve_world_size()
