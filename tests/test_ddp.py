@@ -192,13 +192,17 @@ def test_post_local_sgd_averages_anchors_every_period(post_local):
                 assert equal and calls == 1, t
             else:  # local steps: no communication at all, anchors drift apart
                 assert not equal and calls == 0, t
+        # torch SGD's own parameters are averaged too (equal exactly when the anchors are)
+        assert p["sgd_params_equal"] == p["anchors_equal"]
 
 
 def test_post_local_sgd_resumes_exactly_inside_phase_two(post_local):
     """Anchors and momenta differ per rank in phase 2: each rank saves and restores its own."""
     for r in post_local:
-        assert r["post_local_resume"]["anchors_differed_at_save"]
-        assert r["post_local_resume"]["bit_identical"]
+        resume = r["post_local_resume"]
+        assert resume["anchors_differed_at_save"] and resume["bit_identical"]
+        # saved after an averaging: every weight is in model.safetensors, and it is the anchor
+        assert resume["saved_keys_complete"] and resume["saved_is_anchor"]
 
 
 def test_plain_torchrun_ddp_with_attach(tmp_path):

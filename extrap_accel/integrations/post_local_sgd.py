@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.model_averaging import utils as averaging_utils
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 from ..attach import _unwrap_optimizer
@@ -24,10 +23,28 @@ class _AnchorAverager(PeriodicModelAverager):
     def due(self) -> bool:
         return self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
 
-    def average_parameters(self, params) -> None:
+    def average_parameters(self, tensors) -> None:
         if self.due():
-            averaging_utils.average_parameters(iter(params), self.process_group)
+            _average_in_place(list(tensors), self.process_group)
         self.step += 1
+
+
+def _average_in_place(tensors: list[torch.Tensor], group) -> None:
+    """Average ``tensors`` across ranks with one all-reduce, writing into their own storage.
+
+    (torch's ``average_parameters`` re-points each tensor at a slice of one flat buffer: an
+    anchor then shares storage with every other one — safetensors savers drop all but the
+    first as duplicates — and an alias such as ``p.data`` is re-pointed instead of ``p``.)
+    """
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    flat /= dist.get_world_size(group)
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 class PostLocalSGD:
@@ -102,7 +119,7 @@ class PostLocalSGD:
                 torch.add(anchor, offset, out=p.data)  # x̃ = x̄ + (x̃ − x)
         else:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            self.averager.average_parameters([p.data for p in params])
+            self.averager.average_parameters(params)
 
     def remove(self) -> None:
         self._handle.remove()

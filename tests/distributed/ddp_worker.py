@@ -333,8 +333,21 @@ def check_post_local(accelerator, results, start_step=3, period=2, steps=9):
         collectives.append(count_collectives(one_step)["calls"])
         anchors = [gather(base.anchor(p)) for p in params_of(model)]
         equal.append(all(torch.equal(a[0], a[1]) for a in anchors))
+    # the baseline (torch SGD): its parameters are what gets averaged
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
+    model, sgd = accelerator.prepare(model, sgd)
+    extrap_accel.enable_post_local_sgd(model, sgd, start_step=start_step, period=period)
+    sgd_equal = []
+    for t in range(steps):
+        x, y = batch(rank, t)
+        accelerator.backward(loss_fn(model, x, y))
+        sgd.step()
+        sgd.zero_grad()
+        sgd_equal.append(all(torch.equal(*gather(p.detach())) for p in params_of(model)))
     results["post_local"] = {"start_step": start_step, "period": period,
-                             "anchors_equal": equal, "collectives": collectives}
+                             "anchors_equal": equal, "collectives": collectives,
+                             "sgd_params_equal": sgd_equal}
 
 
 def check_post_local_resume(accelerator, results, start_step=2, period=3):
@@ -352,24 +365,35 @@ def check_post_local_resume(accelerator, results, start_step=2, period=3):
                                                         period=period)
         return model, opt, post_local
 
+    from safetensors.torch import load_file
+
     acc1 = Accelerator(cpu=True)
     model, opt, _ = build(acc1, 0)
-    train_trace(acc1, model, opt, rank, range(4))  # steps 2, 3 are local: anchors now differ
+    # steps 2, 3 local, anchors averaged after step 4, step 5 local: anchors differ at the save,
+    # which comes after an averaging (the averaged anchors must keep their own storage)
+    train_trace(acc1, model, opt, rank, range(6))
     differ = any(not torch.equal(*gather(opt.optimizer.anchor(p))) for p in params_of(model))
+    anchors = {n: opt.optimizer.anchor(p).clone()
+               for n, p in acc1.unwrap_model(model).named_parameters()}  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         shared = [d]
         dist.broadcast_object_list(shared, src=0)
         acc1.save_state(shared[0])
         accelerator.wait_for_everyone()
-        expected = train_trace(acc1, model, opt, rank, range(4, 9))
+        saved = load_file(os.path.join(shared[0], "model.safetensors"))
+        expected = train_trace(acc1, model, opt, rank, range(6, 11))
         acc2 = Accelerator(cpu=True)
         model2, opt2, post_local2 = build(acc2, 5)
         acc2.load_state(shared[0])
-        post_local2.resume_at(4)
-        got = train_trace(acc2, model2, opt2, rank, range(4, 9))
+        post_local2.resume_at(6)
+        got = train_trace(acc2, model2, opt2, rank, range(6, 11))
         accelerator.wait_for_everyone()
     results["post_local_resume"] = {
         "anchors_differed_at_save": differ,
+        "saved_keys_complete": sorted(saved) == sorted(anchors),
+        # rank 0's file: its own anchors
+        "saved_is_anchor": rank != 0 or all(torch.equal(saved[n], a) for n, a in anchors.items()
+                                            if n in saved),
         "bit_identical": all(torch.equal(a, b) for e, g in zip(expected, got)
                              for a, b in zip(e, g)),
     }
