@@ -97,6 +97,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -210,6 +211,10 @@ class TrainingArguments:
             raise ConfigError(f"--lars cannot wrap {self.optimizer} (its step takes a closure)")
         if self.log_smoothness and uses_closure_name(self.optimizer):
             raise ConfigError(f"--log_smoothness is not defined for {self.optimizer}")
+        if self.report_to == "tensorboard" and not any(
+            importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
+        ):
+            raise ConfigError("--report_to tensorboard needs `pip install tensorboard`")
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -608,6 +613,13 @@ def make_accelerator(args: TrainingArguments, **kwargs):
         if not is_tensorboard_available():
             raise ConfigError("--report_to tensorboard needs `pip install tensorboard`")
         log_with = "tensorboard"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not (
+        torch.cuda.is_available() or "kwargs_handlers" in kwargs
+    ):  # DeepSpeed on CPU (accelerate_configs/cpu_2proc_deepspeed.yaml): accelerate would
+        # count one process without a gloo group
+        from accelerate.utils import InitProcessGroupKwargs
+
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     accelerator = Accelerator(
         log_with=log_with,
         project_dir=args.output_dir,

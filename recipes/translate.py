@@ -7,6 +7,7 @@ no download; `translate_quick.yaml` is the same settings written out)::
     ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/translate.py --optimizer adamw
     accelerate launch recipes/translate.py
     OMP_NUM_THREADS=1 python recipes/translate.py --report_to wandb   # W&B offline without a key
+    accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml recipes/translate.py
 
 Multi30k (from the Hub, or a local directory of the same files)::
 

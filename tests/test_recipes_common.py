@@ -299,13 +299,17 @@ def test_post_local_sgd_needs_several_processes():
     assert common.enable_post_local_sgd(None, None, None, parse([])) is None
 
 
-def test_report_to_tensorboard_needs_tensorboard():
-    from accelerate.utils import is_tensorboard_available
+def test_report_to_tensorboard_needs_tensorboard(monkeypatch):
+    """A clear error at parse time (tensorboard hidden, whether or not it is installed)."""
+    import importlib.util
 
-    if is_tensorboard_available():
-        pytest.skip("tensorboard is installed")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
+        "tensorboard", "tensorboardX") else find_spec(name, *a))  # fmt: skip
     with pytest.raises(common.ConfigError, match="pip install tensorboard"):
-        common.make_accelerator(parse(["--report_to", "tensorboard"]))
+        parse(["--report_to", "tensorboard"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert parse(["--report_to", "tensorboard"]).report_to == "tensorboard"
 
 
 def test_plot_curves(tmp_path):

@@ -359,3 +359,29 @@ def test_translate_resumes_exactly(runs):
     assert json.loads((full / "results.json").read_text())["test_bleu"] == (
         json.loads((resumed / "results.json").read_text())["test_bleu"]
     )
+
+
+@pytest.mark.slow
+def test_translate_under_deepspeed_resumes_exactly(tmp_path, tiny_slice):
+    """accelerate_configs/cpu_2proc_deepspeed.yaml (ZeRO-2, bf16, 2 CPU processes): the recipe
+    trains through the DeepSpeed adapter, each rank saves its own file with the checkpoint,
+    and a run resumed from the middle ends with the same saved (anchor) weights, bit for bit."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    argv = [*TINY, "--dataset", str(tiny_slice), "--eval_steps", "0"]
+
+    def launch(*args):
+        run([accelerate_cmd("cpu_2proc_deepspeed.yaml", "--main_process_port", str(free_port()),
+                            *argv, *args)], accelerate_use_cpu=False)  # fmt: skip
+
+    launch("--output_dir", str(full))
+    launch("--output_dir", str(resumed), "--resume_from_checkpoint",
+           str(full / f"checkpoint-{MIDDLE}"))  # fmt: skip
+    for rank in (0, 1):
+        assert (full / f"checkpoint-{MIDDLE}" / "pytorch_model" /
+                f"extrap_accel_rank{rank}.pt").exists()  # fmt: skip
+    results = json.loads((full / "results.json").read_text())
+    assert math.isfinite(results["test_loss"]) and 0.0 <= results["test_bleu"] <= 100.0
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["train_loss"] for r in _records(full) if "train_loss" in r]
+    assert losses[MIDDLE:] == [r["train_loss"] for r in _records(resumed) if "train_loss" in r]
