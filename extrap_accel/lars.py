@@ -25,6 +25,12 @@ class LARS:
             raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
+        if any("betas" in group for group in optimizer.param_groups):
+            raise ValueError(
+                "LARS rescales an SGD-type update (g + λW); Adam-type optimizers (AdamW, "
+                "ExtrapAdam) normalize the step themselves and decay weights apart from the "
+                "gradient: wrap SGD / ExtrapSGD"
+            )
         self.optimizer = optimizer
         base = optimizer
         while not isinstance(base, ExtrapOptimizer) and hasattr(base, "optimizer"):
@@ -51,6 +57,18 @@ class LARS:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _unscale_gradients(self) -> None:
+        """fp16 loss scaling (accelerate's GradScaler): the norms and the λW term need the true
+        gradient, so unscale ``.grad`` now; the scaler remembers it and does not unscale again
+        in its own step (an overflow still skips the step)."""
+        wrapper = self.optimizer
+        while wrapper is not None:
+            scaler = getattr(wrapper, "scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                scaler.unscale_(wrapper.optimizer)
+                return
+            wrapper = getattr(wrapper, "optimizer", None)
+
     @torch.no_grad()
     def trust_ratios(self) -> dict[Tensor, float]:
         """The factor a of every LARS-scaled parameter that has a gradient."""
@@ -73,6 +91,7 @@ class LARS:
     def step(self, closure=None):
         if closure is not None:
             raise RuntimeError("LARS.step does not take a closure: compute the loss first")
+        self._unscale_gradients()
         ratios = self.trust_ratios()
         originals = {}
         with torch.no_grad():

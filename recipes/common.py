@@ -209,6 +209,13 @@ class TrainingArguments:
             )
         if self.lars and uses_closure_name(self.optimizer):
             raise ConfigError(f"--lars cannot wrap {self.optimizer} (its step takes a closure)")
+        if self.lars and extrap_accel.get_optimizer_info(self.optimizer).cls.__name__ in (
+            "AdamW", "ExtrapAdam"
+        ):
+            raise ConfigError(
+                f"--lars rescales an SGD-type update; {self.optimizer} is Adam-type: use --lars "
+                "with sgd or an extrap_sgd* optimizer"
+            )
         if self.log_smoothness and uses_closure_name(self.optimizer):
             raise ConfigError(f"--log_smoothness is not defined for {self.optimizer}")
         if self.report_to == "tensorboard" and not any(

@@ -65,3 +65,41 @@ def test_bad_arguments():
     opt = extrap_accel.LARS(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(RuntimeError, match="closure"):
         opt.step(lambda: 0.0)
+
+
+def test_adam_type_optimizers_are_refused():
+    model = _model()
+    for opt in (torch.optim.AdamW(model.parameters()), extrap_accel.ExtrapAdam(model.parameters())):
+        with pytest.raises(ValueError, match="wrap SGD / ExtrapSGD"):
+            extrap_accel.LARS(opt)
+
+
+@pytest.mark.parametrize("name", ["sgd", "extrap_sgd"])
+def test_fp16_loss_scaling_is_undone_before_the_norms(name):
+    """Under accelerate's GradScaler, LARS sees the true gradient: three steps with a loss
+    scale of 2^16 equal three without (powers of two unscale exactly)."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    Accelerator(cpu=True)  # AcceleratedOptimizer reads the process state
+
+    def run(scaled: bool):
+        model = _model().float()
+        opt = extrap_accel.create_optimizer(name, model.parameters(), lr=0.1, momentum=0.9,
+                                            weight_decay=1e-2)  # fmt: skip
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if scaled else None
+        lars = extrap_accel.LARS(AcceleratedOptimizer(opt, device_placement=False,
+                                                      scaler=scaler), clip=False)  # fmt: skip
+        for t in range(3):
+            x = torch.randn(16, 5, generator=torch.Generator().manual_seed(t))
+            loss = model(x).square().mean()
+            (scaler.scale(loss) if scaled else loss).backward()
+            lars.step()
+            lars.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+    finally:
+        AcceleratorState._reset_state(True)

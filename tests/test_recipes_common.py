@@ -121,6 +121,8 @@ def test_defaults_yaml_and_command_line_precedence(tmp_path):
         ("lr_decay_milestones: [0.75, 0.5]\n", "increasing fractions"),
         ("local_period: 1\n", "local_period must be >= 2"),
         ("optimizer: extrap_sgd_fresh\nlars: true\n", "cannot wrap extrap_sgd_fresh"),
+        ("optimizer: extrap_adam\nlars: true\n", "extrap_adam is Adam-type"),
+        ("optimizer: adamw\nlars: true\n", "adamw is Adam-type"),
     ],
 )
 def test_config_errors(tmp_path, yaml_text, message):
