@@ -137,6 +137,14 @@ def test_resume_from_save_state_is_bit_identical_on_every_rank(fp32, key):
         assert r[key]["bit_identical"]
 
 
+def test_resume_without_the_per_rank_files_fails_at_the_first_step(fp32):
+    for rank, r in enumerate(fp32):
+        missing = r["resume_without_local_files"]
+        assert f"extrap_accel_local_0_rank{rank}.pt is missing" in missing["error"]
+        assert "reset_local_state()" in missing["error"]
+        assert missing["anchors_equal_after_reset"]
+
+
 @pytest.mark.parametrize("variant", ["stochastic", "gaussian", "filterwise"])
 def test_variants_under_ddp(fp32, variant):
     for r in fp32:

@@ -98,6 +98,14 @@ def test_resume_from_checkpoint_is_bit_identical_on_every_rank(case, step):
                                      "points_bit_identical": True}, rank  # fmt: skip
 
 
+@pytest.mark.slow
+def test_resume_without_the_per_rank_files_is_refused_on_every_rank(ddp):
+    for rank, r in enumerate(ddp):
+        message = r["cls_and_kwargs"]["resume_without_local_files"]
+        assert f"extrap_accel_local_0_rank{rank}.pt is missing" in message
+        assert "Resume with the number of processes that saved" in message
+
+
 def test_local_gradients_and_points(case):
     """Under DDP each rank's gᵏ is its own (mean over ranks = the averaged .grad, I6, with
     gradient accumulation in cls_and_kwargs) and the ranks sit at different points around one

@@ -101,8 +101,12 @@ def _register_checkpoint_hooks(accelerator, registry: list[ExtrapOptimizer]) -> 
                 optimizer._pending_local_state = torch.load(
                     path, map_location="cpu", weights_only=True
                 )
-            # No file for this rank: the checkpoint came from fewer processes. The optimizer
-            # then raises at its first step unless the user calls reset_local_state().
+                optimizer._local_state_missing = None
+            else:
+                # Saved by fewer processes, or a node's files were not copied: the optimizer
+                # raises at its first step (naming the file) unless reset_local_state() is
+                # called, instead of continuing this rank from rank 0's x̃.
+                optimizer._local_state_missing = path
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

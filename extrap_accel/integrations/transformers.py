@@ -275,12 +275,13 @@ class ExtrapTrainerCallback(TrainerCallback):
         if os.path.isfile(path):
             opt._pending_local_state = torch.load(path, map_location="cpu", weights_only=True)
         elif world_size > 1:
-            # Saved with fewer processes (the optimizer then raises at its first step unless
-            # reset_local_state() is called), or without attach(trainer).
-            warnings.warn(
-                f"extrap_accel: {checkpoint} has no local extrapolation state for rank {rank}; "
-                "this rank continues from the main process's x̃ and local moments",
-                stacklevel=2,
+            # Saved with fewer processes, without attach(trainer), or a node's files were not
+            # copied: this rank would continue from the main process's x̃ and local moments.
+            raise ValueError(
+                f"attach(trainer): {path} is missing, so rank {rank} cannot continue from its "
+                "own x̃ and local moments. Resume with the number of processes that saved the "
+                "checkpoint, with every rank's extrap_accel_local_0_rank*.pt in its folder "
+                "(copy them from each node's disk)"
             )
         try:
             return load(checkpoint, *args, **kwargs)

@@ -47,6 +47,8 @@ class ExtrapOptimizer(Optimizer):
         self._requested_world_size = world_size
         self._world_size: int | None = None
         self._checkpoint_world_size: int | None = None
+        # set by a checkpoint hook that found no local-state file for this rank
+        self._local_state_missing: str | None = None
         self._seed = seed
         self._rank: int | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -109,6 +111,15 @@ class ExtrapOptimizer(Optimizer):
                     "generators) belongs to the old ranks. Resume with the same number of "
                     "processes, or call optimizer.reset_local_state() after loading to restart "
                     "the local extrapolation state (d = 0)."
+                )
+            if self._local_state_missing is not None and current > 1:
+                raise RuntimeError(
+                    f"{self._local_state_missing} is missing: this rank's x̃ and local moments "
+                    "were not restored, and it would continue from rank 0's. Copy every rank's "
+                    "extrap_accel_local_*_rank*.pt into the checkpoint folder (with node-local "
+                    "disks each node writes its own ranks' files), or call "
+                    "optimizer.reset_local_state() after loading to restart the local "
+                    "extrapolation state (d = 0) on every rank."
                 )
             self._world_size = current
         elif current != self._world_size:
@@ -274,6 +285,7 @@ class ExtrapOptimizer(Optimizer):
                     state.pop(key, None)
         self._world_size = None
         self._checkpoint_world_size = None
+        self._local_state_missing = None
         self._rank = None
         self._generators.clear()
         self._pending_generator_states.clear()
@@ -439,6 +451,7 @@ class ExtrapOptimizer(Optimizer):
                 f"this local extrapolation state belongs to rank {local.get('rank')}, not to "
                 f"rank {self.rank}: load each rank's own file"
             )
+        self._local_state_missing = None
         params = self._param_index()
         for idx, entry in local["state"].items():
             p = params[int(idx)]

@@ -244,6 +244,44 @@ def check_resume(accelerator, results, tmp, variant_kwargs=None, key="resume"):
         "optimizer_file_world_size": torch.load(os.path.join(ckpt, "optimizer.bin"),
                                                 weights_only=True)["extrap"]["world_size"],
     }
+    if key == "resume":
+        results["resume_without_local_files"] = check_missing_local_files(ckpt, kwargs, rank)
+
+
+def check_missing_local_files(ckpt, kwargs, rank):
+    """A checkpoint whose per-rank files were not copied: the first step raises on the ranks
+    without one (naming the file), instead of continuing them from rank 0's x̃; after
+    reset_local_state() training goes on from the anchor. (Both files removed here, so that
+    both ranks raise at the same step.)"""
+    import shutil
+
+    from accelerate import Accelerator
+
+    copy = ckpt + "_copy"
+    if rank == 0:
+        shutil.copytree(ckpt, copy)
+        for r in (0, 1):
+            os.remove(os.path.join(copy, f"extrap_accel_local_0_rank{r}.pt"))
+    dist.barrier()
+    acc = Accelerator(cpu=True)
+    model = make_model(seed=123)
+    opt = extrap_accel.ExtrapSGD(model.parameters(), **kwargs)
+    model, opt = extrap_accel.prepare(acc, model, opt)
+    acc.load_state(copy)
+    x, y = batch(rank, 3)
+    acc.backward(loss_fn(model, x, y))
+    try:
+        opt.step()
+        error = ""
+    except RuntimeError as e:
+        error = str(e)
+    opt.optimizer.reset_local_state()
+    opt.step()  # the same gradients, now from the anchor
+    opt.zero_grad()
+    base = opt.optimizer
+    return {"error": error,
+            "anchors_equal_after_reset": all(torch.equal(*gather(base.anchor(p)))
+                                             for p in params_of(model))}  # fmt: skip
 
 
 def check_variants(accelerator, results):

@@ -305,7 +305,29 @@ def run_mode(mode: str, root: str) -> dict:
             "anchors_bit_identical": same(got["anchor"], final["anchor"]),
             "points_bit_identical": same(got["point"], final["point"]),
         }
+    if mode == "cls_and_kwargs" and dist.is_available() and dist.is_initialized():
+        res["resume_without_local_files"] = resume_without_local_files(mode, root, full_dir)
     return res
+
+
+def resume_without_local_files(mode: str, root: str, full_dir: str) -> str:
+    """Resuming a checkpoint whose per-rank files are gone raises on every rank (no rank may
+    continue from the main process's x̃); returns the error message."""
+    import shutil
+
+    folder = os.path.join(root, mode, "no_local_files")
+    if dist.get_rank() == 0:
+        shutil.copytree(os.path.join(full_dir, f"checkpoint-{TRAIN_MODE_CKPT}"), folder)
+        for r in range(dist.get_world_size()):
+            os.remove(os.path.join(folder, f"extrap_accel_local_0_rank{r}.pt"))
+    dist.barrier()
+    resumed = make_trainer(mode, os.path.join(root, mode, "no_local_files_run"))
+    extrap_accel.attach(resumed)
+    try:
+        resumed.train(resume_from_checkpoint=folder)
+        return ""
+    except ValueError as e:
+        return str(e)
 
 
 def run_checks(root: str, modes=MODES) -> dict:
