@@ -96,6 +96,12 @@ def test_i3_no_extra_communication(results, config):
         assert theirs["calls"] > 0 and ours == theirs, r["i3"]
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_no_grad_forward_between_micro_steps_changes_nothing(results, config):
+    for r in results[config]:
+        assert r["no_grad_forward_changes_nothing"]
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "fp16" in c])
 def test_fp16_overflow_changes_nothing_and_leaves_no_displacement(results, config):
     for r in results[config]:

@@ -18,8 +18,9 @@ config) installs a :class:`DeepSpeedExtrapolation` adapter:
   before DeepSpeed all-gathers the persistent parameters, so no communication is added and
   every later re-gather (DeepSpeed re-gathers in backward when it re-traces) sees the same
   point. Swapping the anchor in or out (evaluation, save) and loading change the shards
-  outside the step: the adapter then releases and re-gathers the persistent parameters itself
-  (one collective per swap or load, none per training step).
+  outside the step: the adapter then releases every full copy DeepSpeed keeps gathered
+  (persistent parameters, and others within the reuse distance, e.g. between micro-steps) and
+  re-gathers the persistent ones (one collective per swap or load, none per training step).
 
 Only the anchor is ever evaluated or saved: no-grad forwards, ``engine.module.state_dict()``,
 ``save_checkpoint`` / ``load_checkpoint`` and ZeRO-3's consolidated state dict run with the
@@ -226,18 +227,25 @@ class DeepSpeedExtrapolation:
     def _sharded(p: Tensor) -> bool:
         return hasattr(p, "ds_tensor")
 
-    def _regather_persistent(self) -> None:
-        """ZeRO-3 keeps small parameters gathered: refresh them from the shards (collective).
-
-        DeepSpeed's ``all_gather`` skips parameters that are already AVAILABLE, and persistent
-        ones always are between steps: release their full copies first (``partition`` of a
-        parameter that has a shard only frees ``p.data``, it writes nothing back), or the
-        forward would keep reading the stale full copy while a re-gather in backward (during
-        DeepSpeed's trace iteration, e.g. the first step of a fresh engine) reads the shards.
+    def _refresh_gathered(self) -> None:
+        """ZeRO-3, after the shards changed outside a step (swap, load): no full copy may keep
+        the old values. DeepSpeed keeps parameters gathered between uses — persistent ones
+        always, others within ``stage3_max_reuse_distance`` (e.g. between the micro-steps of
+        gradient accumulation) — and its ``all_gather`` skips a parameter that is AVAILABLE.
+        So release every full copy (``partition`` of a parameter that has a shard only frees
+        ``p.data``; it writes nothing back) and gather the persistent ones again (a collective;
+        every rank holds the same list). The others are gathered from the shards when next used.
         """
+        if self.stage != 3:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        gathered = [p for p in self.engine.module.parameters()
+                    if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE]  # fmt: skip
+        if gathered:
+            gathered[0].partition(gathered)
         persistent = getattr(self.engine.optimizer, "persistent_parameters", None)
-        if self.stage == 3 and persistent:
-            persistent[0].partition(persistent)
+        if persistent:
             persistent[0].all_gather(persistent)
 
     def _shard_range(self, p: Tensor) -> tuple[int, int]:
@@ -266,7 +274,7 @@ class DeepSpeedExtrapolation:
                 tmp = target.clone()
                 target.copy_(s["anchor"])
                 s["anchor"].copy_(tmp)
-        self._regather_persistent()
+        self._refresh_gathered()
 
     def needs_anchor_forward(self) -> bool:
         return self.training and any("anchor" in s for s in self.state.values())
@@ -402,7 +410,7 @@ class DeepSpeedExtrapolation:
                 else:
                     state[key] = value
         self.training = True
-        self._regather_persistent()
+        self._refresh_gathered()
         opt._checkpoint_world_size = local.get("world_size")
         opt._generators.clear()
         opt._pending_generator_states = {d: s.clone() for d, s in local["generators"].items()}

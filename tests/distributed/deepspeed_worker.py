@@ -257,6 +257,36 @@ def check_i3(stage, precision, threshold, results):
     results["i3"] = counts
 
 
+def check_no_grad_forward_changes_nothing(stage, precision, threshold, results):
+    """A no-grad forward (at the anchor) between the micro-steps of gradient accumulation, or
+    between steps, leaves training exactly as without it: ZeRO-3 keeps parameters gathered
+    between uses, and none may keep the anchor (or x̃) after the swap back."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank, dtype = dist.get_rank(), DTYPES[precision]
+
+    def run(evaluate: bool):
+        model = make_model()
+        opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        cfg = dict(ds_config(stage, precision, threshold), gradient_accumulation_steps=2)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        adapter = extrap_accel.attach(engine, opt)
+        for t in range(4):
+            for micro in range(2):
+                x, y = batch(rank, 10 * t + micro, dtype)
+                engine.backward(nn.functional.mse_loss(engine(x), y))
+                engine.step()
+                if evaluate:
+                    with torch.no_grad():
+                        engine(x)
+        return ([adapter.point(p).clone() for p in engine.module.parameters()]
+                + [fp32_anchor(p, adapter) for p in engine.module.parameters()])
+
+    results["no_grad_forward_changes_nothing"] = all(
+        torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
 def check_i1(stage, precision, threshold, results, adam=False):
     """extrap_scale = 0 equals DeepSpeed with torch's optimizer, bit for bit."""
     rank, dtype = dist.get_rank(), DTYPES[precision]
@@ -400,6 +430,7 @@ def run_config(tag: str, results: dict, tmp: str) -> None:
     check_extrapolation(stage, precision, threshold, results, steps=5 if overflow_at else 4,
                         overflow_at=overflow_at)
     check_i3(stage, precision, threshold, results)
+    check_no_grad_forward_changes_nothing(stage, precision, threshold, results)
     if precision != "fp16":
         check_i1(stage, precision, threshold, results)
         if stage in (0, 2):
