@@ -9,7 +9,9 @@ config) installs a :class:`DeepSpeedExtrapolation` adapter:
   is the anchor; our optimizer does only the base update on it. After each applied
   ``engine.step()`` DeepSpeed has written the anchor into every rank's full bit16 weights; the
   adapter keeps a bit16 copy of it, computes this rank's local direction in fp32 from its own
-  captured gradient and local moments, and writes x̃ = x − γ̃·d into the weights, rounded once.
+  captured gradient and local moments, and writes x̃ = x₁₆ − γ̃·d into the weights: computed
+  in fp32 from the bit16 anchor x₁₆ the forward reads, rounded once (the fp32 master of the
+  other ranks' partitions is not available without communication).
   The next step overwrites the weights from the master again, so nothing stacks.
 - ZeRO-3: weights are sharded (``p.ds_tensor``). Each rank perturbs the shard it owns with the
   slice of its own local direction, so all ranks compute at the same *mixed* point
