@@ -535,7 +535,8 @@ class ExtrapOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        coefs = self._local_clip_coef()
+        # (base update only: the DeepSpeed adapter clips the local direction itself, once)
+        coefs = {} if self.base_update_only else self._local_clip_coef()
         for i, group in enumerate(self.param_groups):
             self._step_group(group, coefs.get(i, 1.0))
         if not self.base_update_only:  # (DeepSpeed: the adapter still needs them, and resets)
