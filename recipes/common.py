@@ -345,11 +345,23 @@ def parse_args(cls, argv: list[str] | None = None, *, description: str | None = 
         config = given.pop("config", None)
         if config is not None:
             values.update(load_yaml_config(cls, config))
+        from_yaml = set(values)
         hints = _fields(cls)
         for key, value in given.items():
             if isinstance(value, list):  # nargs="+": "0.5 0.75" or "0.5,0.75"
                 value = " ".join(value)
             values[key] = _coerce(key, hints[key], value)
+        # warmup in steps or in epochs: the one given (command line over yaml) replaces the
+        # other's default
+        pair = ("warmup_steps", "warmup_epochs")
+        for source in (set(given), from_yaml):
+            chosen = [k for k in pair if k in source]
+            if chosen:
+                if len(chosen) == 1:
+                    other = pair[1 - pair.index(chosen[0])]
+                    if other not in given:
+                        values[other] = _coerce(other, hints[other], 0)
+                break
         return cls(**values)
     except ConfigError as e:
         if not exit_on_error:

@@ -531,3 +531,19 @@ def test_post_local_sgd_with_one_process_is_a_clear_error(tmp_path, one_thread):
     with pytest.raises(common.ConfigError, match="needs data parallelism"):
         language_model.main(["--post_local_from", "2", "--output_dir", str(tmp_path),
                              "--max_steps", "3", "--emsize", "8", "--nhid", "8"])
+
+
+def test_warmup_in_steps_or_epochs_whichever_is_given(tmp_path):
+    """A recipe's default warmup is in epochs: --warmup_steps alone replaces it (command line
+    over yaml); both at once is an error."""
+    args = parse(["--warmup_steps", "7"], vision.VisionArguments)
+    assert (args.warmup_steps, args.warmup_epochs) == (7, 0.0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("warmup_epochs: 3\n")
+    args = parse(["--config", str(cfg), "--warmup_steps", "5"], vision.VisionArguments)
+    assert (args.warmup_steps, args.warmup_epochs) == (5, 0.0)
+    cfg.write_text("warmup_steps: 4\n")
+    args = parse(["--config", str(cfg)], vision.VisionArguments)
+    assert (args.warmup_steps, args.warmup_epochs) == (4, 0.0)
+    with pytest.raises(common.ConfigError, match="not both"):
+        parse(["--warmup_steps", "3", "--warmup_epochs", "1"], vision.VisionArguments)
