@@ -370,6 +370,17 @@ def parse_args(cls, argv: list[str] | None = None, *, description: str | None = 
         raise SystemExit(2) from None
 
 
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a recipe's ``main`` from the command line: a configuration or data mistake found
+    after parsing (one process for post-local SGD, a malformed dataset, a missing checkpoint)
+    ends with its message and exit status 2, as a parsing error does, not with a traceback."""
+    try:
+        main()
+    except (ConfigError, DataError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def config_to_dict(args) -> dict[str, Any]:
     return dataclasses.asdict(args)
 

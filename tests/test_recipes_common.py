@@ -547,3 +547,21 @@ def test_warmup_in_steps_or_epochs_whichever_is_given(tmp_path):
     assert (args.warmup_steps, args.warmup_epochs) == (4, 0.0)
     with pytest.raises(common.ConfigError, match="not both"):
         parse(["--warmup_steps", "3", "--warmup_epochs", "1"], vision.VisionArguments)
+
+
+def test_mistakes_found_after_parsing_end_without_a_traceback(tmp_path):
+    """From the command line, a ConfigError/DataError raised while setting up (here: post-local
+    SGD on one process; a dataset directory that does not exist) prints one line, exit 2."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    for args, message in (
+        (["--post_local_from", "2"], "needs data parallelism"),
+        (["--dataset", str(tmp_path / "nowhere")], "nowhere"),
+    ):
+        proc = subprocess.run([sys.executable, "recipes/language_model.py", *args, "--max_steps",
+                               "2", "--output_dir", str(tmp_path / "out")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "language_model.py: error:" in proc.stderr and message in proc.stderr
+        assert "Traceback" not in proc.stderr
