@@ -782,20 +782,65 @@ def register_rank_state(accelerator, name: str, obj, required: bool = True) -> N
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+_COMPLETE = "checkpoint_complete.json"  # written once every rank has saved
+
+
 def find_latest_checkpoint(output_dir: str) -> str | None:
-    """The ``checkpoint-<step>`` directory of ``output_dir`` with the largest step."""
+    """The complete ``checkpoint-<step>`` directory of ``output_dir`` with the largest step
+    (a save that was interrupted is skipped, with a warning)."""
     if not os.path.isdir(output_dir):
         return None
-    found = [(int(m.group(1)), d) for d in os.listdir(output_dir) if (m := _CHECKPOINT.match(d))]
-    return os.path.join(output_dir, max(found)[1]) if found else None
+    found = sorted((int(m.group(1)), d) for d in os.listdir(output_dir)
+                   if (m := _CHECKPOINT.match(d)))  # fmt: skip
+    while found and not os.path.exists(os.path.join(output_dir, found[-1][1], _COMPLETE)):
+        warnings.warn(f"skipping {found.pop()[1]} in {output_dir}: its save did not finish",
+                      stacklevel=2)  # fmt: skip
+    return os.path.join(output_dir, found[-1][1]) if found else None
 
 
 def save_checkpoint(accelerator, args: TrainingArguments, step: int) -> str:
     """``accelerator.save_state`` into output_dir/checkpoint-<step>: model (the anchor),
-    optimizer, per-rank extrapolation state, RNG, sampler and the registered TrainState."""
+    optimizer, per-rank extrapolation state, RNG, sampler and the registered TrainState; then,
+    once every rank has saved, ``checkpoint_complete.json``."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     accelerator.save_state(path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(path, _COMPLETE), "w") as f:
+            json.dump({"step": step, "num_processes": accelerator.num_processes}, f)
     return path
+
+
+def check_checkpoint(accelerator, path: str) -> None:
+    """Fail before loading, with the fix, if ``path`` cannot be resumed by this launch."""
+    marker = os.path.join(path, _COMPLETE)
+    if not os.path.exists(marker):
+        raise ConfigError(
+            f"{path} has no {_COMPLETE}: its save did not finish (or another program wrote it); "
+            "resume from an earlier checkpoint-<step>"
+        )
+    with open(marker) as f:
+        saved = json.load(f).get("num_processes")
+    if saved is not None and saved != accelerator.num_processes:
+        raise ConfigError(
+            f"{path} was saved by {saved} processes and this launch has "
+            f"{accelerator.num_processes}: each rank's extrapolation state belongs to one worker; "
+            f"resume with {saved} processes"
+        )
+    rank = accelerator.process_index
+    wanted = [f"random_states_{rank}.pkl"] if saved and saved > 1 else []
+    if os.path.exists(os.path.join(path, "optimizer.bin")):  # (DeepSpeed keeps its own layout)
+        wanted.append("model.safetensors")
+        wanted += [f for f in os.listdir(path) if f.startswith("extrap_accel_local_")
+                   and f.endswith("_rank0.pt")]  # fmt: skip
+        wanted = [f.replace("_rank0.pt", f"_rank{rank}.pt") for f in wanted]
+    missing = [f for f in wanted if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise ConfigError(
+            f"{path} is incomplete: {', '.join(missing)} missing for rank {rank} (with "
+            "node-local disks, copy every node's files into the checkpoint); resume from a "
+            "complete checkpoint"
+        )
 
 
 def resume(accelerator, args: TrainingArguments, state: TrainState) -> str | None:
@@ -810,11 +855,24 @@ def resume(accelerator, args: TrainingArguments, state: TrainState) -> str | Non
     path = find_latest_checkpoint(args.output_dir) if spec == "latest" else spec
     if path is None:
         raise ConfigError(
-            f"--resume_from_checkpoint latest: no checkpoint-<step> directory in {args.output_dir}"
+            f"--resume_from_checkpoint latest: no complete checkpoint-<step> directory in "
+            f"{args.output_dir}"
         )
     if not os.path.isdir(path):
         raise ConfigError(f"--resume_from_checkpoint {spec}: {path} is not a directory")
-    accelerator.load_state(path)
+    check_checkpoint(accelerator, path)
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        accelerator.load_state(path)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
+            SafetensorError) as e:  # fmt: skip
+        raise ConfigError(
+            f"could not load {path} ({type(e).__name__}: {e}); the checkpoint is damaged: "
+            "resume from an earlier checkpoint-<step>"
+        ) from e
     accelerator.print(f"resumed from {path} at step {state.step}")
     return path
 

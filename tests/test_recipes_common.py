@@ -282,16 +282,34 @@ def test_train_step_passes_a_closure_to_fresh():
 
 def test_find_latest_checkpoint_and_resume_errors(tmp_path):
     assert common.find_latest_checkpoint(str(tmp_path)) is None
-    for step in (5, 40, 100):
+    for step in (5, 40, 100, 120):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 120:  # checkpoint-120: a save that did not finish
+            (tmp_path / f"checkpoint-{step}" / "checkpoint_complete.json").write_text(
+                '{"step": %d, "num_processes": 2}' % step)
     (tmp_path / "checkpoint-final").mkdir()
-    assert common.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
+    with pytest.warns(UserWarning, match="skipping checkpoint-120.*did not finish"):
+        assert common.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
     args = parse(["--output_dir", str(tmp_path / "empty"), "--resume_from_checkpoint", "latest"])
-    with pytest.raises(common.ConfigError, match="no checkpoint-<step> directory"):
+    with pytest.raises(common.ConfigError, match="no complete checkpoint-<step> directory"):
         common.resume(None, args, common.TrainState())
     args = parse(["--resume_from_checkpoint", str(tmp_path / "missing")])
     with pytest.raises(common.ConfigError, match="is not a directory"):
         common.resume(None, args, common.TrainState())
+    launch = SimpleNamespace(num_processes=2, process_index=1)
+    with pytest.raises(common.ConfigError, match="save did not finish.*earlier checkpoint"):
+        common.check_checkpoint(launch, str(tmp_path / "checkpoint-120"))
+    with pytest.raises(common.ConfigError, match="saved by 2 processes.*resume with 2"):
+        common.check_checkpoint(SimpleNamespace(num_processes=4, process_index=1),
+                                str(tmp_path / "checkpoint-100"))  # fmt: skip
+    ckpt = tmp_path / "checkpoint-100"
+    for name in ("optimizer.bin", "model.safetensors", "extrap_accel_local_0_rank0.pt"):
+        (ckpt / name).write_bytes(b"")
+    with pytest.raises(common.ConfigError, match="random_states_1.pkl, extrap_accel_local_0_rank1"):
+        common.check_checkpoint(launch, str(ckpt))
+    for name in ("random_states_1.pkl", "extrap_accel_local_0_rank1.pt"):
+        (ckpt / name).write_bytes(b"")
+    common.check_checkpoint(launch, str(ckpt))
 
 
 def test_post_local_sgd_needs_several_processes():
@@ -565,3 +583,17 @@ def test_mistakes_found_after_parsing_end_without_a_traceback(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "language_model.py: error:" in proc.stderr and message in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, one_thread):
+    """A truncated file in a checkpoint: ConfigError naming the checkpoint and the way out."""
+    argv = ["--output_dir", str(tmp_path), "--max_steps", "2", "--emsize", "8", "--nhid", "8",
+            "--eval_steps", "0", "--save_steps", "2"]  # fmt: skip
+    language_model.main(argv)
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / "checkpoint_complete.json").exists()
+    optimizer = ckpt / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(common.ConfigError, match="could not load .*checkpoint-2.*damaged"):
+        language_model.main(argv[:-1] + ["0", "--max_steps", "4", "--resume_from_checkpoint",
+                                         str(ckpt)])  # fmt: skip
