@@ -692,18 +692,45 @@ def enable_post_local_sgd(accelerator, model, optimizer, args: TrainingArguments
             "accelerate_configs/cpu_2proc.yaml ...` or `accelerate launch --num_processes K ...`"
         )
     base = _base_optimizer(optimizer)
-    if step > args.post_local_from and not isinstance(base, extrap_accel.ExtrapOptimizer):
-        warnings.warn(
-            f"resuming at step {step}, inside post-local SGD (from step {args.post_local_from}): "
-            f"{type(base).__name__} keeps no per-rank state, so the checkpoint holds rank 0's "
-            "weights and momentum only and the run is not an exact continuation",
-            stacklevel=2,
-        )
     post_local = extrap_accel.enable_post_local_sgd(
         model, base, start_step=args.post_local_from, period=args.local_period,
     )  # fmt: skip
     post_local.resume_at(step)  # the comm hook's and the averager's counters
     return post_local
+
+
+def _baseline_rank_state(accelerator, model, optimizer, args: TrainingArguments):
+    """Post-local SGD with a torch optimizer (the baseline): in phase 2 its weights and momentum
+    differ per rank, and accelerate saves rank 0's only. Save each rank's own beside the
+    checkpoint (``post_local_baseline_rank<r>.pt``); returns the function that restores them
+    after ``load_state`` (None when not needed: extrap_accel optimizers keep their own)."""
+    base = _base_optimizer(optimizer)
+    if args.post_local_from is None or isinstance(base, extrap_accel.ExtrapOptimizer):
+        return None
+    module = accelerator.unwrap_model(model)
+
+    def path(directory: str) -> str:
+        return os.path.join(directory, f"post_local_baseline_rank{accelerator.process_index}.pt")
+
+    def save_hook(models, weights, output_dir):
+        torch.save({"model": module.state_dict(), "optimizer": base.state_dict()},
+                   path(output_dir))  # fmt: skip
+
+    accelerator.register_save_state_pre_hook(save_hook)
+
+    def restore(directory: str) -> None:
+        if not os.path.exists(path(directory)):
+            warnings.warn(
+                f"{path(directory)} is missing: this rank continues from rank 0's weights and "
+                "momentum, not an exact continuation of post-local SGD",
+                stacklevel=2,
+            )
+            return
+        saved = torch.load(path(directory), map_location="cpu", weights_only=True)
+        module.load_state_dict(saved["model"])
+        base.load_state_dict(saved["optimizer"])
+
+    return restore
 
 
 def train_step(optimizer, forward_backward: Callable[[], torch.Tensor], *,
@@ -886,7 +913,10 @@ def start_run(accelerator, args: TrainingArguments, model, optimizer, state: Tra
     moves ``state.step``), post-local SGD from that step, and the logger. Returns
     ``(meter, post_local, logger)``."""
     meter = smoothness_meter(accelerator, args, optimizer)
-    resume(accelerator, args, state)
+    baseline = _baseline_rank_state(accelerator, model, optimizer, args)
+    path = resume(accelerator, args, state)
+    if path is not None and baseline is not None:
+        baseline(path)
     post_local = enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
     logger = MetricsLogger(accelerator, args, project, state.step)
     return meter, post_local, logger

@@ -124,3 +124,23 @@ def test_language_model_trains_and_reports_perplexity(lm_runs):
 def test_language_model_resumes_exactly(lm_runs):
     """Also across the switch to post-local SGD at step 12 (the resume is at step 8)."""
     _assert_resumed_exactly(*lm_runs, final=16)
+
+
+def test_torch_sgd_baseline_resumes_exactly_inside_post_local_sgd(tmp_path):
+    """--optimizer sgd (the paper's baseline) with post-local SGD, saved at step 4 while the
+    ranks' weights and momenta differ (phase 2 from step 2, averaged after steps 5 and 8):
+    each rank saves and restores its own, and the resumed run continues bit for bit."""
+    argv = ["recipes/language_model.py", "--emsize", "16", "--nhid", "16", "--max_steps", "8",
+            "--save_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
+            "--warmup_epochs", "0", "--optimizer", "sgd", "--post_local_from", "2",
+            "--local_period", "3"]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _launch(*argv, "--output_dir", str(full))
+    _launch(*argv, "--output_dir", str(resumed), "--resume_from_checkpoint",
+            str(full / "checkpoint-4"))  # fmt: skip
+    for rank in (0, 1):
+        assert (full / "checkpoint-4" / f"post_local_baseline_rank{rank}.pt").exists()
+    assert _records(resumed) == [r for r in _records(full) if r["step"] > 4]
+    a = load_file(str(full / "checkpoint-8" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoint-8" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
