@@ -83,6 +83,8 @@ A recipe, in outline (vision.py and language_model.py are complete examples)::
         common.apply_extrap_until(optimizer, args, state.step)
         loss = common.train_step(optimizer, forward_backward, clip=clip, meter=meter)
         state.step += 1
+        if post_local is not None and state.step >= max_steps:
+            post_local.finish()                    # end on one (averaged) model
         if common.is_due(state.step, args.logging_steps, max_steps):
             logger.log(common.train_metrics(accelerator, loss, optimizer, meter, post_local),
                        state.step)
@@ -681,7 +683,8 @@ def enable_post_local_sgd(accelerator, model, optimizer, args: TrainingArguments
     schedule continue from it. Needs a multi-process launch (the DDP-wrapped model).
     The anchors are averaged after steps post_local_from + j·local_period (j = 1, 2, ...);
     in between they differ per rank, and an evaluation gathers each rank's predictions from
-    its own anchor: evaluate at those steps to see the averaged model.
+    its own anchor: evaluate at those steps to see the averaged model. The recipes call
+    ``post_local.finish()`` after the last step, so training ends on one averaged model.
     """
     if args.post_local_from is None:
         return None

@@ -319,6 +319,8 @@ def training_function(args: VisionArguments) -> dict[str, float]:
             loss = common.train_step(optimizer, forward_backward, clip=clip, meter=meter)
             state.step += 1
             bar.update(1)
+            if post_local is not None and state.step >= max_steps:
+                post_local.finish()  # end on one model: average a last local step
 
             if common.is_due(state.step, args.logging_steps, max_steps):
                 metrics = common.train_metrics(accelerator, loss, optimizer, meter, post_local)

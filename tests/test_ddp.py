@@ -202,6 +202,11 @@ def test_post_local_sgd_averages_anchors_every_period(post_local):
                 assert not equal and calls == 0, t
         # torch SGD's own parameters are averaged too (equal exactly when the anchors are)
         assert p["sgd_params_equal"] == p["anchors_equal"]
+        finish = p["finish"]
+        did, calls = finish["after_averaging"]
+        assert not did and calls["calls"] == 0  # the last step averaged already
+        before, calls, after = finish["after_local_step"]
+        assert finish["averaged"] and not before and calls == 1 and after
 
 
 def test_post_local_sgd_resumes_exactly_inside_phase_two(post_local):

@@ -18,15 +18,12 @@ from ..optim.base import ExtrapOptimizer
 
 
 class _AnchorAverager(PeriodicModelAverager):
-    """PeriodicModelAverager over plain tensors (the anchors are not Parameters with grads)."""
+    """PeriodicModelAverager's schedule (warmup, period, step counter); the averaging itself is
+    ``_average_in_place`` over the anchors (plain tensors) or the parameters."""
 
-    def due(self) -> bool:
-        return self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
-
-    def average_parameters(self, tensors) -> None:
-        if self.due():
-            _average_in_place(list(tensors), self.process_group)
-        self.step += 1
+    def due(self, step: int | None = None) -> bool:
+        step = self.step if step is None else step
+        return step >= self.warmup_steps and (step - self.warmup_steps) % self.period == 0
 
 
 def _average_in_place(tensors: list[torch.Tensor], group) -> None:
@@ -92,6 +89,7 @@ class PostLocalSGD:
         )
         model.register_comm_hook(self.state, post_localSGD_hook)
         self.averager = _AnchorAverager(period=period, warmup_steps=start_step + period - 1)
+        self._averaged_last = False
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
         if isinstance(self.optimizer, ExtrapOptimizer):  # anchors and momenta differ per rank
             self.optimizer.per_rank_state = True
@@ -100,6 +98,7 @@ class PostLocalSGD:
         """Continue the switch and the averaging schedule from optimizer step ``step``."""
         self.state.iter = step
         self.averager.step = step
+        self._averaged_last = step > 0 and self.averager.due(step - 1)
 
     @property
     def local(self) -> bool:
@@ -108,18 +107,34 @@ class PostLocalSGD:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        if not self.averager.due():
+        self._averaged_last = self.averager.due()
+        if not self._averaged_last:
             self.averager.step += 1
             return
+        self.averager.step += 1
+        self._average()
+
+    @torch.no_grad()
+    def finish(self) -> bool:
+        """Average now if the last step was a local one (phase 2, not an averaging step), so
+        that training ends on one model; call it after the last step, before the final
+        evaluation and save. Returns whether it averaged (one all-reduce)."""
+        if not self.local or self._averaged_last:
+            return False
+        self._average()
+        self._averaged_last = True
+        return True
+
+    def _average(self) -> None:
         if isinstance(self.optimizer, ExtrapOptimizer):
             pairs = self.optimizer.displaced()
             offsets = [p - anchor for p, anchor in pairs]
-            self.averager.average_parameters([anchor for _, anchor in pairs])
+            _average_in_place([anchor for _, anchor in pairs], self.averager.process_group)
             for (p, anchor), offset in zip(pairs, offsets):
                 torch.add(anchor, offset, out=p.data)  # x̃ = x̄ + (x̃ − x)
         else:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            self.averager.average_parameters(params)
+            _average_in_place(params, self.averager.process_group)
 
     def remove(self) -> None:
         self._handle.remove()

@@ -359,18 +359,31 @@ def check_post_local(accelerator, results, start_step=3, period=2, steps=9):
     model = make_model()
     opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
     model, opt = extrap_accel.prepare(accelerator, model, opt)
-    extrap_accel.enable_post_local_sgd(model, opt, start_step=start_step, period=period)
+    post_local = extrap_accel.enable_post_local_sgd(model, opt, start_step=start_step,
+                                                    period=period)  # fmt: skip
     base = opt.optimizer
     equal, collectives = [], []
+
+    def anchors_equal():
+        return all(torch.equal(*gather(base.anchor(p))) for p in params_of(model))
+
+    def one_step(t):
+        x, y = batch(rank, t)
+        accelerator.backward(loss_fn(model, x, y))
+        opt.step()
+        opt.zero_grad()
+
     for t in range(steps):
-        def one_step(t=t):
-            x, y = batch(rank, t)
-            accelerator.backward(loss_fn(model, x, y))
-            opt.step()
-            opt.zero_grad()
-        collectives.append(count_collectives(one_step)["calls"])
-        anchors = [gather(base.anchor(p)) for p in params_of(model)]
-        equal.append(all(torch.equal(a[0], a[1]) for a in anchors))
+        collectives.append(count_collectives(lambda: one_step(t))["calls"])
+        equal.append(anchors_equal())
+    # finish(): nothing right after an averaging step (the last one above); after a local step
+    # one all-reduce, and training ends on one model
+    finish = {"after_averaging": (post_local.finish(), count_collectives(post_local.finish))}
+    one_step(steps)
+    out = {}
+    finish["after_local_step"] = (anchors_equal(), count_collectives(
+        lambda: out.setdefault("averaged", post_local.finish()))["calls"], anchors_equal())
+    finish["averaged"] = out["averaged"]
     # the baseline (torch SGD): its parameters are what gets averaged
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
@@ -385,7 +398,7 @@ def check_post_local(accelerator, results, start_step=3, period=2, steps=9):
         sgd_equal.append(all(torch.equal(*gather(p.detach())) for p in params_of(model)))
     results["post_local"] = {"start_step": start_step, "period": period,
                              "anchors_equal": equal, "collectives": collectives,
-                             "sgd_params_equal": sgd_equal}
+                             "sgd_params_equal": sgd_equal, "finish": finish}
 
 
 def check_post_local_resume(accelerator, results, start_step=2, period=3):
