@@ -131,7 +131,11 @@ class DeepSpeedExtrapolation:
         self.direct = self.stage == 0 and not (self.fp16 or engine.bfloat16_enabled())
         self.state: dict[Tensor, dict[str, Any]] = {}
         self.training = True
-        self.rounded = [0, 0]  # elements of δ ≠ 0 that rounded to nothing / elements of δ ≠ 0
+        # elements of δ ≠ 0 that rounded to nothing / elements of δ ≠ 0, counted on the device
+        # (no host sync) at every ``rounding_sample_every``-th placement, the first included
+        self.rounded: list[Tensor | int] = [0, 0]
+        self.rounding_sample_every = 16
+        self._placements = 0
         if self.direct:
             scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
             if scaler is not None:
@@ -331,6 +335,8 @@ class DeepSpeedExtrapolation:
             if grads:
                 torch._foreach_mul_(grads, 1.0 / scale)
         coefs = opt._local_clip_coef()
+        sample = self._placements % self.rounding_sample_every == 0
+        self._placements += 1
         for i, (group, params, lr) in enumerate(zip(opt.param_groups, opt._model_param_groups,
                                                     lrs)):  # fmt: skip
             gamma = opt._extrap_lr(group, lr)
@@ -356,16 +362,19 @@ class DeepSpeedExtrapolation:
                 else:
                     opt._extrapolate_into(group, out, x, gk.float(), state,
                                           local_coef=coefs.get(i, 1.0), extrap_lr=gamma)  # fmt: skip
-                if anchor.dtype != torch.float32:
+                if sample and anchor.dtype != torch.float32:
                     moved = out != x
-                    self.rounded[0] += int((moved & (out.to(anchor.dtype) == anchor)).sum())
-                    self.rounded[1] += int(moved.sum())
+                    self.rounded[0] += (moved & (out.to(anchor.dtype) == anchor)).sum()
+                    self.rounded[1] += moved.sum()
                 target.copy_(out)
 
     @property
     def rounded_to_zero_fraction(self) -> float:
-        """Fraction of the displacement's nonzero elements that rounding to bit16 erased."""
-        return self.rounded[0] / self.rounded[1] if self.rounded[1] else 0.0
+        """Fraction of the displacement's nonzero elements that rounding to bit16 erased
+        (sampled: every ``rounding_sample_every``-th step, the first included; set it to 1 to
+        count every step)."""
+        gone, moved = (int(n) for n in self.rounded)
+        return gone / moved if moved else 0.0
 
     # ---------------------------------------------------------------- checkpoints
     def local_state_dict(self) -> dict[str, Any]:

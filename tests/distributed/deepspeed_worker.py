@@ -153,6 +153,7 @@ def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_
     """I4 (x̃ differs across ranks by −γ̃(d⁰−d¹), each d from its own gradients), I6, anchors."""
     rank, dtype = dist.get_rank(), DTYPES[precision]
     engine, opt, adapter = build(stage, precision, threshold)
+    adapter.rounding_sample_every = 1  # count the rounding at every step
     params = list(engine.module.parameters())
     u = [None] * len(params)  # each rank's own float64 local momentum, for the expected x̃
     r = {k: [] for k in ("i4_err_ulps", "i6_err", "anchors_equal", "points_differ",
