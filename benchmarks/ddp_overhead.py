@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +36,7 @@ for _path in (REPO, os.path.join(REPO, "recipes")):
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _multiprocess import free_port, report, run_ranks  # noqa: E402
 from extrap_accel.diagnostics import count_collectives  # noqa: E402
 
 MOMENTUM = 0.9
@@ -163,32 +161,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), "--main_process_port",
-               str(_free_port()), os.path.abspath(__file__), "--worker", "--out", out,
-               "--steps", str(args.steps), "--tasks", *args.tasks]  # fmt: skip
-        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
-                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        subprocess.run(cmd, cwd=REPO, env=env, check=True)
-        ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
-    text = table(ranks, args.steps)
-    machine = f"{platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__}"
-    print(f"Machine: {machine}\n\n{text}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "ranks": ranks, "table": text}, f, indent=1)
-    return {"ranks": ranks, "table": text}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "accelerate_configs", "cpu_2proc.yaml"), "--main_process_port",
+           str(free_port()), os.path.abspath(__file__), "--worker",
+           "--steps", str(args.steps), "--tasks", *args.tasks]  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    ranks = run_ranks(cmd, env)
+    return report(ranks, table(ranks, args.steps), args.json)
 
 if __name__ == "__main__":
     main()

@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +32,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
+from _multiprocess import free_port, report, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 
 STAGES = (0, 1, 2, 3)
@@ -153,33 +151,12 @@ def main(argv=None) -> dict:
         return worker(args)
     launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable),
                                                           "deepspeed")
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [launcher, "--num_gpus", "2", "--no_local_rank", "--master_port",
-               str(_free_port()), os.path.abspath(__file__), "--worker", "--out", out,
-               "--steps", str(args.steps), "--width", str(args.width),
-               "--layers", str(args.layers)]  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS="1",
-                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-        ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
-    text = table(ranks, args.steps)
+    cmd = [launcher, "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port()),
+           os.path.abspath(__file__), "--worker", "--steps", str(args.steps),
+           "--width", str(args.width), "--layers", str(args.layers)]  # fmt: skip
+    ranks = run_ranks(cmd, dict(os.environ, OMP_NUM_THREADS="1"), quiet=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"
-    machine = f"{platform.node()}: {os.cpu_count()} CPUs, {device}, torch {torch.__version__}"
-    print(f"Machine: {machine}\n\n{text}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "ranks": ranks, "table": text}, f, indent=1)
-    return {"ranks": ranks, "table": text}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+    return report(ranks, table(ranks, args.steps), args.json, device)
 
 if __name__ == "__main__":
     main()
