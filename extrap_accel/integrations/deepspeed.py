@@ -58,6 +58,17 @@ def local_state_path(checkpoint_dir: str, rank: int) -> str:
     return os.path.join(checkpoint_dir, f"extrap_accel_rank{rank}.pt")
 
 
+def check_variant(extrapolation: str, filterwise: bool, stage: int) -> None:
+    """Refuse a variant at a ZeRO stage where it cannot be correct (the SUPPORT table)."""
+    variant = "filterwise" if filterwise else extrapolation
+    if variant in SUPPORT and stage not in SUPPORT[variant]:
+        allowed = ", ".join(map(str, SUPPORT[variant])) or "none"
+        raise NotImplementedError(
+            f"extrapolation={variant!r} is not correct at DeepSpeed ZeRO stage {stage} "
+            f"(supported stages: {allowed}); use extrapolation='past' or change the stage"
+        )
+
+
 def check_supported(engine, optimizer: ExtrapOptimizer) -> None:
     """Fail at setup, with what to do instead, for every combination that cannot be correct."""
     stage = engine.zero_optimization_stage()
@@ -98,13 +109,7 @@ def check_supported(engine, optimizer: ExtrapOptimizer) -> None:
             "ZeRO stage 1 or 2"
         )
     for group in optimizer.param_groups:
-        variant = "filterwise" if group.get("filterwise") else group["extrapolation"]
-        if stage not in SUPPORT[variant]:
-            allowed = ", ".join(map(str, SUPPORT[variant])) or "none"
-            raise NotImplementedError(
-                f"extrapolation={variant!r} is not correct at DeepSpeed ZeRO stage {stage} "
-                f"(supported stages: {allowed}); use extrapolation='past' or change the stage"
-            )
+        check_variant(group["extrapolation"], bool(group.get("filterwise")), stage)
     direct = stage == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
     if not direct and type(engine.optimizer).__name__ == "LARS":
         raise NotImplementedError("LARS needs per-tensor norms: use it at ZeRO-0 in fp32 only")
@@ -450,7 +455,9 @@ class DeepSpeedExtrapolation:
         path, _ = result if isinstance(result, tuple) else (result, None)
         if path is None:
             return result
-        self._load_local_file(os.path.dirname(path) if os.path.isfile(path) else path)
+        local = self._read_local_file(os.path.dirname(path) if os.path.isfile(path) else path)
+        if local is not None:
+            self.load_local_state_dict(local)
         return result
 
     def read_local_state(self, load_dir: str, tag: str | None = None) -> dict[str, Any] | None:
@@ -462,10 +469,7 @@ class DeepSpeedExtrapolation:
                 return None
             with open(latest) as f:
                 tag = f.read().strip()
-        path = local_state_path(os.path.join(load_dir, str(tag)), self.optimizer.rank)
-        if not os.path.exists(path):
-            return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return self._read_local_file(os.path.join(load_dir, str(tag)))
 
     def restore_local_state(self, load_dir: str, tag: str | None = None) -> bool:
         """Put this rank's x̃ and local state back from a checkpoint the engine loaded before
@@ -482,12 +486,11 @@ class DeepSpeedExtrapolation:
         self.load_local_state_dict(local)
         return True
 
-    def _load_local_file(self, tag_dir: str) -> bool:
+    def _read_local_file(self, tag_dir: str) -> dict[str, Any] | None:
         path = local_state_path(tag_dir, self.optimizer.rank)
         if not os.path.exists(path):
-            return False
-        self.load_local_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return True
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def attach_engine(engine, optimizer=None):

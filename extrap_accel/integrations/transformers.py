@@ -398,17 +398,12 @@ def _check_backend(trainer) -> None:
             "Trainer(..., optimizer_cls_and_kwargs=(ExtrapAdam, {'lr': ...}))"
         )
     # the variant against the ZeRO stage now, not after the Trainer has built the engine
-    from .deepspeed import SUPPORT
+    from .deepspeed import check_variant
 
     stage = _deepspeed_config(trainer).get("zero_optimization", {}).get("stage", 0)
     kwargs = (getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, {}))[1]
-    variant = "filterwise" if kwargs.get("filterwise") else kwargs.get("extrapolation", "past")
-    if isinstance(stage, int) and variant in SUPPORT and stage not in SUPPORT[variant]:
-        allowed = ", ".join(map(str, SUPPORT[variant])) or "none"
-        raise NotImplementedError(
-            f"extrapolation={variant!r} is not correct at DeepSpeed ZeRO stage {stage} "
-            f"(supported stages: {allowed}); use extrapolation='past' or change the stage"
-        )
+    if isinstance(stage, int):
+        check_variant(kwargs.get("extrapolation", "past"), bool(kwargs.get("filterwise")), stage)
 
 
 def _check_optimizer(trainer) -> None:
