@@ -38,6 +38,7 @@ import extrap_accel  # noqa: E402
 from trainer_worker import (  # noqa: E402
     TokenData,
     differs,
+    equal_across_ranks,
     fake_push_to_hub,
     make_model,
     same,
@@ -144,13 +145,6 @@ def _master(adapter, p, full_fp32):
     """The fp32 master of ``p`` (ZeRO-0 bf16 keeps no mapping to it: the adapter's copy)."""
     master = None if adapter.direct else full_fp32(p)
     return (adapter.anchor(p) if master is None else master).detach().float().clone()
-
-
-def equal_across_ranks(tensors: dict) -> bool:
-    flat = torch.cat([t.float().reshape(-1) for t in tensors.values()])
-    out = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, flat)
-    return all(torch.equal(o, out[0]) for o in out)
 
 
 def _recorder(trainer_ref: list):

@@ -188,7 +188,7 @@ def saved_weights(folder: str, names) -> dict | None:
 def equal_across_ranks(tensors: dict) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return True
-    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    flat = torch.cat([t.float().reshape(-1) for t in tensors.values()])  # (bf16: gloo)
     out = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(out, flat)
     return all(torch.equal(o, out[0]) for o in out)
