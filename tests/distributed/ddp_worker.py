@@ -259,6 +259,7 @@ def check_missing_local_files(ckpt, kwargs, rank):
 
     copy = ckpt + "_copy"
     if rank == 0:
+        shutil.rmtree(copy, ignore_errors=True)  # a retried launch reuses it
         shutil.copytree(ckpt, copy)
         for r in (0, 1):
             os.remove(os.path.join(copy, f"extrap_accel_local_0_rank{r}.pt"))

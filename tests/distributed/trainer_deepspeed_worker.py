@@ -244,6 +244,7 @@ def check_resume_refusals(tag: str, root: str, full_dir: str) -> dict:
     for case in ("rank1_file_missing", "other_world_size"):
         folder = os.path.join(root, tag, case)
         if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # a retried launch reuses it
             shutil.copytree(source, folder)
             tag_dir = os.path.join(folder, f"global_step{TRAIN_MODE_CKPT}")
             if case == "rank1_file_missing":

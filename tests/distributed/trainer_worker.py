@@ -317,6 +317,7 @@ def resume_without_local_files(mode: str, root: str, full_dir: str) -> str:
 
     folder = os.path.join(root, mode, "no_local_files")
     if dist.get_rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)  # a retried launch reuses it
         shutil.copytree(os.path.join(full_dir, f"checkpoint-{TRAIN_MODE_CKPT}"), folder)
         for r in range(dist.get_world_size()):
             os.remove(os.path.join(folder, f"extrap_accel_local_0_rank{r}.pt"))
