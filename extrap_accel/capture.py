@@ -26,6 +26,9 @@ class LocalGradCapture:
         # Follow p.grad: None means a new accumulation. Off where the backend keeps no .grad
         # (DeepSpeed ZeRO), whose adapter resets at every accumulation boundary instead.
         self.follow_grad = True
+        # A parameter with no gradient yet: zeros where the backend's update feeds it zeros
+        # (DeepSpeed's flat gradient partitions), else None (torch's optimizers skip it).
+        self.missing_is_zero = False
         self.buffers: dict[Tensor, Tensor] = {}
         self._fresh: set[Tensor] = set()
         self._handles = [p.register_hook(self._hook(p)) for p in self.params]
@@ -64,9 +67,14 @@ class LocalGradCapture:
             return None
         buf = self.buffers.get(p)
         if buf is None:
-            if p.grad is None:
+            if p.grad is not None:
+                buf = torch.zeros_like(p.grad)
+            elif self.missing_is_zero:  # a ZeRO-3 parameter's full shape is ds_shape
+                buf = torch.zeros(getattr(p, "ds_shape", p.shape), device=p.device,
+                                  dtype=self.dtype or p.dtype)  # fmt: skip
+            else:
                 return None
-            buf = self.buffers[p] = torch.zeros_like(p.grad)
+            self.buffers[p] = buf
         elif p not in self._fresh:
             buf.zero_()
         self._fresh.add(p)

@@ -102,6 +102,16 @@ def test_no_grad_forward_between_micro_steps_changes_nothing(results, config):
         assert r["no_grad_forward_changes_nothing"]
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "z0-fp32"])
+def test_a_parameter_left_out_of_the_forward_moves_as_with_a_zero_gradient(results, config):
+    """DeepSpeed's flat partitions feed it a zero gradient (weight decay and momentum still
+    apply): its x̃ is displaced like that, from the first step. (ZeRO-0 fp32 steps torch's
+    SGD on the module, which skips it; no displacement there either.)"""
+    for r in results[config]:
+        assert r["unused_parameter"] == {"same_as_zero_gradient": True,
+                                         "branch_displaced_while_unused": True}
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "fp16" in c])
 def test_fp16_overflow_changes_nothing_and_leaves_no_displacement(results, config):
     for r in results[config]:

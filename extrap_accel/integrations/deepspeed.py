@@ -150,6 +150,7 @@ class DeepSpeedExtrapolation:
             optimizer.anchor_source = self
             optimizer._capture.dtype = torch.float32
             optimizer._capture.follow_grad = False
+            optimizer._capture.missing_is_zero = True  # DeepSpeed's update feeds zeros too
             optimizer._capture.force_active()
         self._original = {}
         self._wrap("step", self._step)

@@ -288,6 +288,61 @@ def check_no_grad_forward_changes_nothing(stage, precision, threshold, results):
         torch.equal(a, b) for a, b in zip(run(False), run(True)))
 
 
+class Branched(nn.Module):
+    """make_model plus a branch that a forward may leave out (``use=False``) or use times 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = make_model()
+        self.branch = nn.Linear(6, 3)
+
+    def forward(self, x, use: bool | float = True):
+        if use is False:
+            return self.trunk(x)
+        return self.trunk(x) + use * self.branch(x)
+
+
+def check_unused_parameter_is_a_zero_gradient(stage, precision, threshold, results):
+    """A parameter a rank's forward left out is updated by DeepSpeed as if its gradient were
+    zero (flat partitions), so its local direction is the one of a zero gradient (weight decay
+    and momentum still move it): a run whose forwards leave the branch out for three steps gives
+    the same x̃, anchors and local state on every rank as a run that multiplies it by 0. (Ranks
+    leaving out different parameters break DeepSpeed's own gradient reduction at ZeRO-1/2/3.)"""
+    import deepspeed
+
+    rank, dtype = dist.get_rank(), DTYPES[precision]
+
+    def run(leave_out: bool):
+        torch.manual_seed(0)
+        model = Branched()
+        opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                     nesterov=True, weight_decay=0.5)  # δ above bf16's ulp
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                          config=ds_config(stage, precision, threshold))
+        adapter = extrap_accel.attach(engine, opt)
+        for t in range(5):
+            x, y = batch(rank, t, dtype)
+            use = True if t >= 3 else (False if leave_out else 0.0)
+            engine.backward(nn.functional.mse_loss(engine(x, use), y))
+            engine.step()
+            if t == 1:
+                branch = list(engine.module.branch.parameters())
+                moved = any(not torch.equal(adapter.point(p), adapter.anchor(p)) for p in branch)
+        params = list(engine.module.parameters())
+        return moved, ([adapter.point(p).clone() for p in params]
+                       + [fp32_anchor(p, adapter) for p in params]
+                       + [v for p in params for v in adapter.local_state(p).values()
+                          if torch.is_tensor(v)])
+
+    moved, zero = run(False)
+    moved_left_out, left_out = run(True)
+    results["unused_parameter"] = {
+        "same_as_zero_gradient": len(zero) == len(left_out)
+        and all(torch.equal(a, b) for a, b in zip(zero, left_out)),
+        "branch_displaced_while_unused": moved_left_out and moved,
+    }
+
+
 def check_i1(stage, precision, threshold, results, adam=False):
     """extrap_scale = 0 equals DeepSpeed with torch's optimizer, bit for bit."""
     rank, dtype = dist.get_rank(), DTYPES[precision]
@@ -432,6 +487,8 @@ def run_config(tag: str, results: dict, tmp: str) -> None:
                         overflow_at=overflow_at)
     check_i3(stage, precision, threshold, results)
     check_no_grad_forward_changes_nothing(stage, precision, threshold, results)
+    if not (stage == 0 and precision == "fp32"):  # there torch's SGD steps: None is skipped
+        check_unused_parameter_is_a_zero_gradient(stage, precision, threshold, results)
     if precision != "fp16":
         check_i1(stage, precision, threshold, results)
         if stage in (0, 2):
