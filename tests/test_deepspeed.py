@@ -102,6 +102,19 @@ def test_no_grad_forward_between_micro_steps_changes_nothing(results, config):
         assert r["no_grad_forward_changes_nothing"]
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_load_checkpoint_with_incomplete_local_state_is_refused_on_every_rank(results, config):
+    """engine.load_checkpoint: rank 1's file missing, or files saved by 4 processes, raises on
+    both ranks (one raising alone would leave the other on rank 0's x̃ or in a collective); no
+    file at all (saved without extrap_accel, universal checkpoints) warns and starts at the
+    anchor."""
+    for r in results[config]:
+        c = r["saving"]["incomplete_local_state"]
+        assert "per-rank state for 1 of 2 ranks" in c["rank1_file_missing"]
+        assert "saved with 4 processes" in c["other_world_size"]
+        assert c["no_files"] == {"warned": True, "at_anchor": True}
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c != "z0-fp32"])
 def test_a_parameter_left_out_of_the_forward_moves_as_with_a_zero_gradient(results, config):
     """DeepSpeed's flat partitions feed it a zero gradient (weight decay and momentum still

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import _dist
 from ..optim.base import NOISE_EXTRAPOLATIONS, ExtrapOptimizer
 
 # variant / option -> ZeRO stages where it is correct (README, section "DeepSpeed")
@@ -456,10 +458,48 @@ class DeepSpeedExtrapolation:
         path, _ = result if isinstance(result, tuple) else (result, None)
         if path is None:
             return result
-        local = self._read_local_file(os.path.dirname(path) if os.path.isfile(path) else path)
-        if local is not None:
-            self.load_local_state_dict(local)
+        tag_dir = os.path.dirname(path) if os.path.isfile(path) else path
+        self.restore_on_every_rank(self._read_local_file(tag_dir), tag_dir)
         return result
+
+    def restore_on_every_rank(self, local: dict[str, Any] | None, where: str) -> None:
+        """Put this rank's x̃ and local state back from ``local`` (its file in ``where``, None
+        if it has none), deciding the same way on every rank (one all-reduce): either each rank
+        has its own file, saved with this number of processes, or none has (a checkpoint saved
+        without extrap_accel, or converted to a universal one: the run starts again from the
+        anchor, with a warning). Anything else raises on every rank, instead of leaving a rank
+        on another's x̃ or waiting in a collective."""
+        world = _dist.world_size()
+        saved_k = None if local is None else (local.get("world_size") or world)
+        # [ranks with a file, ranks whose file is for another number of processes]
+        flags = torch.tensor([local is not None, saved_k not in (None, world)],
+                             dtype=torch.int64, device=self.engine.device)  # fmt: skip
+        if _dist.is_initialized():
+            torch.distributed.all_reduce(flags)
+        with_file, other_k = int(flags[0]), int(flags[1])
+        if other_k or 0 < with_file < world:
+            raise ValueError(
+                f"{where} holds extrap_accel's per-rank state for {with_file} of {world} ranks"
+                + (f" (saved with {saved_k} processes)" if saved_k not in (None, world) else "")
+                + "; each rank's x̃ and local moments belong to one data-parallel worker: resume "
+                "with the number of processes that saved it, with every rank's "
+                "extrap_accel_rank<r>.pt in that folder (copy them from each node's disk), or "
+                "remove them all to restart the local extrapolation state from the anchor"
+            )
+        if local is None:
+            if world > 1:
+                warnings.warn(
+                    f"extrap_accel: {where} has no local extrapolation state (saved without "
+                    "extrap_accel, or a universal checkpoint); every rank starts again from "
+                    "the anchor with fresh local moments",
+                    stacklevel=3,
+                )
+                if self.direct:  # the optimizer's state dict holds rank 0's x̃: drop it
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        self.optimizer.reset_local_state()
+            return
+        self.load_local_state_dict(local)
 
     def read_local_state(self, load_dir: str, tag: str | None = None) -> dict[str, Any] | None:
         """This rank's saved x̃ and local state in a checkpoint folder, or None if it has none.

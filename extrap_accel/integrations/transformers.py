@@ -298,46 +298,14 @@ class ExtrapTrainerCallback(TrainerCallback):
     def _restore_deepspeed(self, checkpoint: str) -> None:
         """The Trainer has just loaded ``checkpoint`` into the engine (``deepspeed_load_checkpoint``,
         before any step, so the weights hold the saved anchor): attach the engine adapter now
-        and put this rank's x̃ and local state back from its own file.
-
-        Every rank decides the same way (one all-reduce): either each has its own file, saved
-        with this number of processes, or none has (the run starts again from the anchor);
-        anything else raises on every rank instead of leaving some ranks waiting for others.
-        """
-        import torch.distributed as dist
-
+        and put this rank's x̃ and local state back from its own file, deciding the same way on
+        every rank (``DeepSpeedExtrapolation.restore_on_every_rank``)."""
         if self.attach_model() is None:
             raise RuntimeError(
                 "attach(trainer): the Trainer resumed a DeepSpeed checkpoint before building "
                 "the engine; extrap_accel cannot restore the extrapolation state"
             )
-        args = self.trainer.args
-        local = self.adapter.read_local_state(checkpoint)
-        saved_k = None if local is None else (local.get("world_size") or args.world_size)
-        # [ranks with a file, ranks whose file is for another number of processes]
-        flags = torch.tensor([local is not None, saved_k not in (None, args.world_size)],
-                             dtype=torch.int64, device=self.trainer.model_wrapped.device)  # fmt: skip
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flags)
-        with_file, other_k = int(flags[0]), int(flags[1])
-        if other_k or 0 < with_file < args.world_size:
-            raise ValueError(
-                f"attach(trainer): {checkpoint} holds extrap_accel's per-rank state for "
-                f"{with_file} of {args.world_size} ranks"
-                + (f" (saved with {saved_k} processes)" if saved_k not in (None, args.world_size)
-                   else "")
-                + "; each rank's x̃ and local moments belong to one data-parallel worker: resume "
-                "with the number of processes that saved it"
-            )  # fmt: skip
-        if local is None:
-            if args.world_size > 1:
-                warnings.warn(
-                    f"extrap_accel: {checkpoint} has no local extrapolation state (saved without "
-                    "attach(trainer)?); every rank starts again from the anchor",
-                    stacklevel=3,
-                )
-            return
-        self.adapter.load_local_state_dict(local)
+        self.adapter.restore_on_every_rank(self.adapter.read_local_state(checkpoint), checkpoint)
 
 
 # ---------------------------------------------------------------------- setup checks
