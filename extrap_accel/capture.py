@@ -69,7 +69,7 @@ class LocalGradCapture:
         if buf is None:
             if p.grad is not None:
                 buf = torch.zeros_like(p.grad)
-            elif self.missing_is_zero:  # a ZeRO-3 parameter's full shape is ds_shape
+            elif self.missing_is_zero and p.requires_grad:  # ZeRO-3's full shape: ds_shape
                 buf = torch.zeros(getattr(p, "ds_shape", p.shape), device=p.device,
                                   dtype=self.dtype or p.dtype)  # fmt: skip
             else:

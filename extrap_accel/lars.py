@@ -34,6 +34,13 @@ class LARS:
         self.optimizer = optimizer
         base = optimizer
         while not isinstance(base, ExtrapOptimizer) and hasattr(base, "optimizer"):
+            if type(base).__name__ == "DeepSpeedOptimizerWrapper":
+                raise NotImplementedError(
+                    "LARS under DeepSpeed: the engine steps the optimizer itself, so a LARS "
+                    "wrapper around accelerate's prepared optimizer would never run (and ZeRO "
+                    "shards the per-tensor norms it needs). Use DDP for LARS (accelerate launch "
+                    "without a DeepSpeed config)"
+                )
             base = base.optimizer  # accelerate's AcceleratedOptimizer
         self._extrap = base if isinstance(base, ExtrapOptimizer) else None
         self.trust_coefficient = trust_coefficient

@@ -671,9 +671,12 @@ def wrap_lars(args: TrainingArguments, optimizer):
     """``extrap_accel.LARS`` around the prepared optimizer when ``--lars`` (base update only)."""
     if not args.lars:
         return optimizer
-    return extrap_accel.LARS(
-        optimizer, trust_coefficient=args.lars_trust_coefficient, clip=args.lars_clip
-    )
+    try:
+        return extrap_accel.LARS(
+            optimizer, trust_coefficient=args.lars_trust_coefficient, clip=args.lars_clip
+        )
+    except NotImplementedError as e:  # under DeepSpeed
+        raise ConfigError(f"--lars: {e}") from None
 
 
 def enable_post_local_sgd(accelerator, model, optimizer, args: TrainingArguments, step: int = 0):

@@ -115,6 +115,35 @@ def test_load_checkpoint_with_incomplete_local_state_is_refused_on_every_rank(re
         assert c["no_files"] == {"warned": True, "at_anchor": True}
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_param_groups_one_empty_and_a_frozen_parameter(results, config):
+    """DeepSpeed drops an empty param group: the others keep their own rates (x̃ and anchors
+    as without it); a frozen parameter, which has no master, never moves."""
+    for r in results[config]:
+        assert r["groups"] == {"frozen_unchanged": True, "empty_group_changes_nothing": True}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_noise_variants_place_x0_before_the_first_forward(results, config):
+    """x̃₀ = x₀ + ξ₀ per rank at attach, the anchor (master) x₀, also when the optimizer was
+    built before the process group (it had placed rank 0's noise into the weights DeepSpeed
+    then copied into its master)."""
+    for r in results[config]:
+        for case in ("after_process_group", "before_process_group"):
+            assert r["initial_noise"][case] == {"anchor_is_x0": True, "displaced": True,
+                                                "ranks_differ": True}, case
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_loads_that_bring_no_optimizer_state_restore_no_x_tilde(results, config):
+    """load_module_only=True leaves x̃ = anchor (no saved x̃ over an anchor it did not load);
+    a load that finds no checkpoint changes nothing (resume_bit_identical covers it: it runs
+    one before the reference trace)."""
+    for r in results[config]:
+        assert r["saving"]["module_only_load_at_anchor"]
+        assert r["saving"]["resume_bit_identical"]
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c != "z0-fp32"])
 def test_a_parameter_left_out_of_the_forward_moves_as_with_a_zero_gradient(results, config):
     """DeepSpeed's flat partitions feed it a zero gradient (weight decay and momentum still
@@ -187,7 +216,8 @@ def test_unsupported_combinations_fail_at_setup(results):
     for r in results["extras"]:
         refusals = r["refusals"]
         assert "broken upstream" in refusals["z0_fp16"]
-        assert "not correct at DeepSpeed ZeRO stage 2" in refusals["z2_stochastic"]
+        assert "stochastic" in refusals["z2_stochastic"]
+        assert "only at ZeRO-0 in fp32" in refusals["z0_bf16_stochastic"]
         assert "not correct at DeepSpeed ZeRO stage 3" in refusals["z3_filterwise"]
         assert "'fresh'" in refusals["fresh"]
 
@@ -201,6 +231,7 @@ def test_accelerate_launch_with_a_deepspeed_config(tmp_path):
         assert r["distributed_type"] == "DistributedType.DEEPSPEED" and r["stage"] == 2
         assert r["points_differ"] and r["get_state_dict_is_anchor"]
         assert r["resume_bit_identical"]
+        assert "LARS under DeepSpeed" in r["lars_refused"]
 
 
 @pytest.mark.gpu

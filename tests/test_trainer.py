@@ -201,10 +201,11 @@ def test_optimizer_cls_and_kwargs_is_attached_when_the_trainer_builds_it(tmp_pat
     assert callback.handle is not None and callback.handle.optimizer is trainer.optimizer
 
 
-def _stub_trainer(optimizer=None, deepspeed=None, enabled=True, cls_and_kwargs=None):
+def _stub_trainer(optimizer=None, deepspeed=None, enabled=True, cls_and_kwargs=None, bf16=False):
     return types.SimpleNamespace(
         is_deepspeed_enabled=enabled, is_fsdp_enabled=False, optimizer=optimizer,
-        args=types.SimpleNamespace(deepspeed=deepspeed), optimizer_cls_and_kwargs=cls_and_kwargs,
+        args=types.SimpleNamespace(deepspeed=deepspeed, bf16=bf16, fp16=False),
+        optimizer_cls_and_kwargs=cls_and_kwargs,
     )  # fmt: skip
 
 
@@ -217,8 +218,12 @@ def test_deepspeed_setups_that_cannot_work_fail_loudly():
     with pytest.raises(ValueError, match="names an optimizer \\('AdamW'\\).*Remove"):
         _check_backend(_stub_trainer(None, named, cls_and_kwargs=(ExtrapAdam, {})))
     stochastic = (ExtrapSGD, {"lr": 0.1, "extrapolation": "stochastic"})
-    with pytest.raises(NotImplementedError, match="'stochastic' is not correct at DeepSpeed ZeRO"):
+    with pytest.raises(NotImplementedError, match="'stochastic' needs the whole averaged gradient"):
         _check_backend(_stub_trainer(None, zero1, cls_and_kwargs=stochastic))
+    zero0_auto = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}}
+    _check_backend(_stub_trainer(None, zero0_auto, cls_and_kwargs=stochastic))  # fp32: direct
+    with pytest.raises(NotImplementedError, match="only at ZeRO-0 in fp32"):  # auto -> bf16
+        _check_backend(_stub_trainer(None, zero0_auto, cls_and_kwargs=stochastic, bf16=True))
     filterwise = (ExtrapSGD, {"lr": 0.1, "extrapolation": "gaussian", "filterwise": True})
     with pytest.raises(NotImplementedError, match="'filterwise' is not correct at .* stage 3"):
         _check_backend(_stub_trainer(None, {"zero_optimization": {"stage": 3}},

@@ -32,6 +32,7 @@ anchor in the weights; each rank saves its own x̃ and local state beside the ch
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from typing import Any
@@ -48,7 +49,7 @@ SUPPORT = {
     "gaussian": (0, 1, 2, 3),
     "uniform": (0, 1, 2, 3),
     "filterwise": (0, 1, 2),  # needs whole tensors (filter norms)
-    "stochastic": (0,),  # needs the full averaged gradient, which ZeRO-1/2/3 never materialize
+    "stochastic": (0,),  # in fp32 only (check_variant): needs the averaged gradient in .grad
     "fresh": (),  # a second backward would run DeepSpeed's reduction
 }
 
@@ -60,9 +61,18 @@ def local_state_path(checkpoint_dir: str, rank: int) -> str:
     return os.path.join(checkpoint_dir, f"extrap_accel_rank{rank}.pt")
 
 
-def check_variant(extrapolation: str, filterwise: bool, stage: int) -> None:
-    """Refuse a variant at a ZeRO stage where it cannot be correct (the SUPPORT table)."""
+def check_variant(extrapolation: str, filterwise: bool, stage: int, direct: bool) -> None:
+    """Refuse a variant at a ZeRO stage where it cannot be correct (the SUPPORT table).
+    ``direct``: ZeRO-0 in fp32, where DeepSpeed steps our optimizer on the module itself."""
     variant = "filterwise" if filterwise else extrapolation
+    if variant == "stochastic":
+        if direct:
+            return
+        raise NotImplementedError(
+            "extrapolation='stochastic' needs the whole averaged gradient in .grad, which "
+            "DeepSpeed leaves there only at ZeRO-0 in fp32: use extrapolation='past', or ZeRO-0 "
+            "without bf16/fp16"
+        )
     if variant in SUPPORT and stage not in SUPPORT[variant]:
         allowed = ", ".join(map(str, SUPPORT[variant])) or "none"
         raise NotImplementedError(
@@ -110,11 +120,9 @@ def check_supported(engine, optimizer: ExtrapOptimizer) -> None:
             "backward while step() unscales; DeepSpeed PR #8393): use bf16, or fp16 with "
             "ZeRO stage 1 or 2"
         )
-    for group in optimizer.param_groups:
-        check_variant(group["extrapolation"], bool(group.get("filterwise")), stage)
     direct = stage == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
-    if not direct and type(engine.optimizer).__name__ == "LARS":
-        raise NotImplementedError("LARS needs per-tensor norms: use it at ZeRO-0 in fp32 only")
+    for group in optimizer.param_groups:
+        check_variant(group["extrapolation"], bool(group.get("filterwise")), stage, direct)
 
 
 def _offload_device(config) -> str | None:
@@ -154,6 +162,9 @@ class DeepSpeedExtrapolation:
             optimizer._capture.follow_grad = False
             optimizer._capture.missing_is_zero = True  # DeepSpeed's update feeds zeros too
             optimizer._capture.force_active()
+        self._sync_param_groups()
+        if not self.direct:
+            self._undo_eager_noise()
         self._original = {}
         self._wrap("step", self._step)
         self._wrap("save_checkpoint", self._save_checkpoint)
@@ -171,6 +182,45 @@ class DeepSpeedExtrapolation:
                 return post_step(*args, **kwargs)
 
             zero._post_step = _post_step
+
+    def _sync_param_groups(self) -> None:
+        """DeepSpeed drops empty param groups from the optimizer: drop them from the model's
+        groups too, so that group i's settings stay with group i's parameters."""
+        opt = self.optimizer
+        groups = opt._model_param_groups
+        if len(groups) != len(opt.param_groups):
+            kept = [g for g in groups if g]
+            if len(kept) != len(opt.param_groups):
+                raise RuntimeError(
+                    f"the optimizer has {len(opt.param_groups)} param groups but was built with "
+                    f"{len(groups)}: add param groups before deepspeed.initialize"
+                )
+            opt._model_param_groups = kept
+
+    @torch.no_grad()
+    def _undo_eager_noise(self) -> None:
+        """A noise-variant optimizer built before the process group existed has already put
+        x̃₀ = x₀ + ξ₀ into the weights, from which DeepSpeed then built its master. Put x₀
+        back into the weights and the master; the adapter places x̃₀ itself (attach_engine)."""
+        opt = self.optimizer
+        if not opt._eager_noise_placed:
+            return
+        opt._eager_noise_placed = False
+        opt._generators.clear()  # seeded for rank 0 before the process group existed
+        placed = [(p, opt.state[p].pop("anchor")) for p in opt.managed_params()
+                  if "anchor" in opt.state.get(p, {})]  # fmt: skip
+        for p, anchor in placed:
+            opt.state[p].pop("extrapolated", None)
+            target = self._target(p)
+            if self._sharded(p):
+                if anchor.numel() != p.ds_numel:  # built from the partitioned parameter
+                    continue
+                start, n = self._shard_range(p)
+                anchor = anchor.reshape(-1)[start : start + n]
+            target.copy_(anchor.to(target.dtype).view_as(target))
+        self.engine.optimizer.refresh_fp32_params()
+        self._refresh_gathered()
+        opt._initial_placement_pending = True
 
     def _wrap(self, name: str, method) -> None:
         original = getattr(self.engine, name)
@@ -334,25 +384,38 @@ class DeepSpeedExtrapolation:
         return out
 
     @torch.no_grad()
-    def _place(self, lrs: list[float], scale: float) -> None:
+    def place_initial_noise(self) -> None:
+        """x̃₀ = x₀ + ξ₀ in the noise groups before the first step (the others start at x₀)."""
+        self.optimizer._initial_placement_pending = False
+        self._place([float(g["lr"]) for g in self.optimizer.param_groups], 1.0, initial=True)
+        self._refresh_gathered()  # ZeRO-3: the shards changed outside a step
+
+    @torch.no_grad()
+    def _place(self, lrs: list[float], scale: float, initial: bool = False) -> None:
         """x̃ = x − γ̃·d (or x + ξ) from the fresh anchor DeepSpeed just wrote, rounded once."""
         opt = self.optimizer
-        opt._resolve_world_size()
+        if not initial:
+            opt._resolve_world_size()
         if scale != 1.0:  # fp16: the hooks saw the scaled gradient
             grads = [g for p in opt.managed_params() if (g := opt._capture.get(p)) is not None]
             if grads:
                 torch._foreach_mul_(grads, 1.0 / scale)
-        coefs = opt._local_clip_coef()
-        sample = self._placements % self.rounding_sample_every == 0
-        self._placements += 1
+        coefs = {} if initial else opt._local_clip_coef()
+        sample = not initial and self._placements % self.rounding_sample_every == 0
+        self._placements += not initial
         for i, (group, params, lr) in enumerate(zip(opt.param_groups, opt._model_param_groups,
                                                     lrs)):  # fmt: skip
+            noise = group["extrapolation"] in NOISE_EXTRAPOLATIONS
+            if initial and not noise:
+                continue
             gamma = opt._extrap_lr(group, lr)
             for p in params:
-                local = opt._capture.get(p)
-                if local is None:
+                if not p.requires_grad:  # frozen: no master, DeepSpeed never restores it
                     continue
-                target, gk = self._target(p), self._local_slice(p, local)
+                local = None if initial else opt._capture.get(p)
+                if local is None and not initial:
+                    continue
+                target = self._target(p)
                 if target.numel() == 0:
                     continue
                 state = self.state.setdefault(p, {})
@@ -363,11 +426,12 @@ class DeepSpeedExtrapolation:
                     anchor.copy_(target)
                 x = anchor.float()
                 out = torch.empty_like(x)
-                if group["extrapolation"] in NOISE_EXTRAPOLATIONS:
+                if noise:
                     from ..optim.directions import place_noise_
 
                     place_noise_([out], [x], group=group, generator=opt._generator)
                 else:
+                    gk = self._local_slice(p, local)
                     opt._extrapolate_into(group, out, x, gk.float(), state,
                                           local_coef=coefs.get(i, 1.0), extrap_lr=gamma)  # fmt: skip
                 if sample and anchor.dtype != torch.float32:
@@ -416,6 +480,10 @@ class DeepSpeedExtrapolation:
                 f"stage {local.get('stage')}; this is rank {opt.rank} at stage {self.stage}"
             )
         params = opt.managed_params()
+        if self.training:  # x̃ placed since the weights were loaded (x̃₀ noise at attach)
+            for p, s in self.state.items():
+                if "anchor" in s:
+                    self._target(p).copy_(s["anchor"])
         self.state.clear()
         for idx, entry in local["state"].items():
             p = params[int(idx)]
@@ -447,16 +515,30 @@ class DeepSpeedExtrapolation:
         return out
 
     def _load_checkpoint(self, original, load_dir, tag=None, *args, **kwargs):
+        was_training, kept = self.training, self.state
         if not self.direct:
             # Never let a load path copy x̃ from the weights into the master: the anchor goes
             # back into the weights, and x̃ comes back below from this rank's own file.
             if self.training:
                 self._swap_all()
-            self.state.clear()
-            self.training = True
+            self.state, self.training = {}, True
         result = original(load_dir, tag, *args, **kwargs)
-        path, _ = result if isinstance(result, tuple) else (result, None)
-        if path is None:
+        path = result[0] if isinstance(result, tuple) else result
+        if path is None:  # DeepSpeed found nothing to load and changed nothing: neither do we
+            if not self.direct:
+                self.state = kept
+                if was_training:
+                    self._swap_all()  # x̃ back into the weights
+                self.training = was_training
+            return result
+        options = inspect.signature(original).bind_partial(load_dir, tag, *args, **kwargs)
+        options = options.arguments
+        if options.get("load_module_only") or not options.get("load_optimizer_states", True):
+            # weights only: the optimizer state starts afresh, and so does the local one
+            if self.direct:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.optimizer.reset_local_state()
             return result
         tag_dir = os.path.dirname(path) if os.path.isfile(path) else path
         self.restore_on_every_rank(self._read_local_file(tag_dir), tag_dir)
@@ -516,7 +598,7 @@ class DeepSpeedExtrapolation:
         """Put this rank's x̃ and local state back from a checkpoint the engine loaded before
         the adapter was attached (the weights hold the anchor then). False if the checkpoint
         has no file for this rank."""
-        if self.state:
+        if self._placements:
             raise RuntimeError(
                 "restore_local_state: this adapter has already placed x̃; load the checkpoint "
                 "with engine.load_checkpoint instead"
@@ -547,8 +629,12 @@ def attach_engine(engine, optimizer=None):
     adapter = DeepSpeedExtrapolation(engine, opt)
     engine._extrap_accel_adapter = adapter
     adapter.handle = AttachHandle(engine.module, opt if adapter.direct else adapter)
-    if opt._initial_placement_pending and adapter.direct:
-        opt.place_initial_noise()
+    if adapter.direct and opt._eager_noise_placed:  # placed with rank 0's noise: again
+        opt._eager_noise_placed = False
+        opt._generators.clear()
+        opt.place_initial_noise()  # from the anchors it kept
+    if opt._initial_placement_pending:
+        (opt if adapter.direct else adapter).place_initial_noise()
     return adapter
 
 

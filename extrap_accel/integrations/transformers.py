@@ -368,10 +368,18 @@ def _check_backend(trainer) -> None:
     # the variant against the ZeRO stage now, not after the Trainer has built the engine
     from .deepspeed import check_variant
 
-    stage = _deepspeed_config(trainer).get("zero_optimization", {}).get("stage", 0)
+    config = _deepspeed_config(trainer)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
     kwargs = (getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, {}))[1]
+
+    def enabled(precision: str) -> bool:  # "auto" follows TrainingArguments(bf16=/fp16=)
+        value = config.get(precision, {}).get("enabled", False)
+        return bool(getattr(trainer.args, precision, False) if value == "auto" else value)
+
     if isinstance(stage, int):
-        check_variant(kwargs.get("extrapolation", "past"), bool(kwargs.get("filterwise")), stage)
+        direct = stage == 0 and not (enabled("bf16") or enabled("fp16"))
+        check_variant(kwargs.get("extrapolation", "past"), bool(kwargs.get("filterwise")), stage,
+                      direct)  # fmt: skip
 
 
 def _check_optimizer(trainer) -> None:

@@ -57,6 +57,9 @@ class ExtrapOptimizer(Optimizer):
         self._grad_scaler = None
         self._warned_k1_stochastic = False
         self._initial_placement_pending = False
+        # x̃₀ placed at construction, before any process group: with rank 0's noise on every
+        # rank (and, under DeepSpeed, before the engine built its master from the weights)
+        self._eager_noise_placed = False
         self._unscaled_grads: dict[Tensor, Tensor] | None = None  # set by LARS during step()
         # Post-local SGD: anchors and momenta differ per rank, so all of it is per-rank state.
         self.per_rank_state = False
@@ -133,6 +136,8 @@ class ExtrapOptimizer(Optimizer):
     @property
     def rank(self) -> int:
         if self._rank is None:
+            if not _dist.is_initialized():
+                return 0  # not kept: the process group may come later (deepspeed.initialize)
             self._rank = _dist.rank()
         return self._rank
 
@@ -333,7 +338,7 @@ class ExtrapOptimizer(Optimizer):
             )
         self._check_train_mode()
         self._resolve_world_size()
-        self._initial_placement_pending = False
+        self._initial_placement_pending = self._eager_noise_placed = False
         fresh = any(group["extrapolation"] == "fresh" for group in self.param_groups)
         if fresh and (self._capture.active or _dist.world_size() > 1):
             raise RuntimeError(
@@ -507,6 +512,7 @@ class ExtrapOptimizer(Optimizer):
                     state[held] = state[held].clone(memory_format=torch.preserve_format)
         if any("anchor" in st or "extrapolated" in st for st in self.state.values()):
             self._initial_placement_pending = False  # the checkpoint's x̃ is this run's x̃
+        self._eager_noise_placed = False
         self._world_size = None
         self._checkpoint_world_size = extra.get("world_size")
         self._rank = None
@@ -559,6 +565,7 @@ class ExtrapOptimizer(Optimizer):
             self._initial_placement_pending = True
             return
         self.place_initial_noise()
+        self._eager_noise_placed = True
 
     @torch.no_grad()
     def place_initial_noise(self) -> None:

@@ -343,6 +343,85 @@ def check_unused_parameter_is_a_zero_gradient(stage, precision, threshold, resul
     }
 
 
+def check_param_groups_and_frozen(stage, precision, threshold, results):
+    """Param groups with their own rates, one of them empty (DeepSpeed drops it), and a frozen
+    bias: the empty group changes nothing, and the frozen bias never moves (no master holds it,
+    so a displacement would stay and pile up)."""
+    rank, dtype = dist.get_rank(), DTYPES[precision]
+
+    def run(empty_group: bool):
+        model = make_model()
+        model[0].bias.requires_grad_(False)
+        frozen = model[0].bias.detach().clone()
+        groups = [{"params": [model[0].weight, model[0].bias]},
+                  {"params": [model[2].weight, model[2].bias], "lr": 4 * LR}]
+        opt = extrap_accel.ExtrapSGD([{"params": []}] * empty_group + groups, lr=LR,
+                                     momentum=MOMENTUM, weight_decay=0.5)
+        engine, *_ = __import__("deepspeed").initialize(
+            model=model, optimizer=opt, config=ds_config(stage, precision, threshold))
+        adapter = extrap_accel.attach(engine, opt)
+        for t in range(3):
+            train_step(engine, rank, t, dtype)
+        bias = engine.module[0].bias
+        if stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([bias]):
+                weights = bias.data.clone()
+        else:
+            weights = bias.data.clone()
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        return (torch.equal(weights, frozen.to(weights)),
+                [adapter.point(p).clone() for p in params]
+                + [fp32_anchor(p, adapter) for p in params])
+
+    frozen_kept, plain = run(False)
+    frozen_kept_too, with_empty = run(True)
+    results["groups"] = {
+        "frozen_unchanged": frozen_kept and frozen_kept_too,
+        "empty_group_changes_nothing": all(torch.equal(a, b) for a, b in zip(plain, with_empty)),
+    }
+
+
+def check_initial_noise(stage, precision, threshold, results):
+    """Noise variants perturb from t = 0: x̃₀ = x₀ + ξ₀ is in the weights before the first
+    forward, per rank, and the anchor (DeepSpeed's master) is x₀ — also for an optimizer built
+    before the process group existed, which places x̃₀ at once (simulated here)."""
+    import deepspeed
+
+    from extrap_accel import _dist
+
+    dtype = DTYPES[precision]
+    out = {}
+    for case in ("after_process_group", "before_process_group"):
+        model = make_model()
+        x0 = [p.detach().clone() for p in model.parameters()]
+        real = _dist.is_initialized
+        if case == "before_process_group":
+            _dist.is_initialized = lambda: False
+        try:
+            opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                         extrapolation="gaussian", noise_scale=0.05)
+        finally:
+            _dist.is_initialized = real
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                          config=ds_config(stage, precision, threshold))
+        adapter = extrap_accel.attach(engine, opt)
+        params = list(engine.module.parameters())
+        anchors = [fp32_anchor(p, adapter) for p in params]
+        points = [adapter.point(p).float() for p in params]
+        displaced = [not torch.equal(pt, adapter.anchor(p).float())
+                     for pt, p in zip(points, params)]  # fmt: skip
+        mine = [a.reshape(-1) for a in anchors]
+        out[case] = {
+            "anchor_is_x0": all(torch.equal(a, x.to(dtype).float().view_as(a))
+                                for a, x in zip(mine, [x.reshape(-1) for x in x0])),
+            "displaced": all(displaced),
+            "ranks_differ": stage == 3 or any(not torch.equal(*gather(pt)) for pt in points),
+        }
+    results["initial_noise"] = out
+
+
 def check_i1(stage, precision, threshold, results, adam=False):
     """extrap_scale = 0 equals DeepSpeed with torch's optimizer, bit for bit."""
     rank, dtype = dist.get_rank(), DTYPES[precision]
@@ -411,6 +490,8 @@ def check_saving_and_resume(stage, precision, threshold, results, tmp):
                         + [fp32_anchor(p, adapter) for p in ps])
         return rows
 
+    # a load that finds no checkpoint changes nothing (DeepSpeed returns (None, None))
+    engine.load_checkpoint(os.path.join(tmp, "no_checkpoint_here"))
     expected = trace(engine, adapter)
     engine2, opt2, adapter2 = build(stage, precision, threshold, seed=7)
     engine2.load_checkpoint(ckpt, tag="t3")
@@ -423,6 +504,11 @@ def check_saving_and_resume(stage, precision, threshold, results, tmp):
                                 for j, (a, b) in enumerate(zip(e, g)) if not torch.equal(a, b)]
     out["incomplete_local_state"] = check_incomplete_local_state(stage, precision, threshold,
                                                                  ckpt)  # fmt: skip
+    # weights only: no saved x̃ on top of whatever anchor the load leaves (ZeRO-3: the fresh one)
+    engine3, _, adapter3 = build(stage, precision, threshold, seed=7)
+    engine3.load_checkpoint(ckpt, tag="t3", load_module_only=True)
+    out["module_only_load_at_anchor"] = all(
+        torch.equal(adapter3.point(p), adapter3.anchor(p)) for p in engine3.module.parameters())
     results["saving"] = out
 
 
@@ -504,6 +590,8 @@ def check_refusals(results):
     for name, kwargs in (("z0_fp16", dict(stage=0, precision="fp16")),
                          ("z2_stochastic", dict(stage=2, precision="bf16",
                                                 extrapolation="stochastic")),
+                         ("z0_bf16_stochastic", dict(stage=0, precision="bf16",
+                                                     extrapolation="stochastic")),
                          ("z3_filterwise", dict(stage=3, precision="bf16",
                                                 extrapolation="uniform", filterwise=True,
                                                 noise_scale=1e-3)),
@@ -528,6 +616,8 @@ def run_config(tag: str, results: dict, tmp: str) -> None:
     check_no_grad_forward_changes_nothing(stage, precision, threshold, results)
     if not (stage == 0 and precision == "fp32"):  # there torch's SGD steps: None is skipped
         check_unused_parameter_is_a_zero_gradient(stage, precision, threshold, results)
+    check_param_groups_and_frozen(stage, precision, threshold, results)
+    check_initial_noise(stage, precision, threshold, results)
     if precision != "fp16":
         check_i1(stage, precision, threshold, results)
         if stage in (0, 2):
