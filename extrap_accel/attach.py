@@ -36,6 +36,9 @@ class AttachHandle:
     def __init__(self, module: nn.Module, source):
         self.module = module
         self.source = source
+        optimizer = getattr(source, "optimizer", source)  # a backend adapter, or the optimizer
+        if hasattr(optimizer, "attached"):
+            optimizer.attached = True
         self._names: dict[Tensor, list[str]] = {}
         for name, p in module.named_parameters(remove_duplicate=False):
             self._names.setdefault(p, []).append(name)

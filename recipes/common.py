@@ -663,8 +663,27 @@ def make_accelerator(args: TrainingArguments, **kwargs):
             f"{args.optimizer} (an extra forward/backward per step) runs on one process only; "
             "use extrap_sgd under data parallelism"
         )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        deepspeed_gradient_clipping(plugin.deepspeed_config, args.max_grad_norm)
     set_seed(args.seed)  # the same initial model on every rank
     return accelerator
+
+
+def deepspeed_gradient_clipping(config: dict[str, Any], max_grad_norm: float | None) -> None:
+    """Under DeepSpeed the engine clips (``accelerator.clip_grad_norm_`` only measures), so
+    ``--max_grad_norm`` becomes the config's ``gradient_clipping`` (0: none). A config that
+    clips at another norm is a conflict, not something to choose silently."""
+    wanted = float(max_grad_norm or 0.0)
+    current = config.get("gradient_clipping", "auto")
+    if current == "auto" or float(current) in (0.0, wanted):
+        config["gradient_clipping"] = wanted
+        return
+    raise ConfigError(
+        f"the DeepSpeed config clips gradients at {current} (gradient_clipping) but "
+        f"--max_grad_norm is {max_grad_norm}: pass --max_grad_norm {current}, or set "
+        f"gradient_clipping to {wanted} (or 0) in the DeepSpeed config"
+    )
 
 
 def wrap_lars(args: TrainingArguments, optimizer):

@@ -407,9 +407,9 @@ def training_function(args: TranslateArguments) -> dict[str, float]:
         if args.max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
 
-    def run_eval(split):
+    def run_eval(split, prefix):  # prefix of the metric names: "eval" during training
         return evaluate(accelerator, model, optimizer, eval_dls[split], tokenizer, gen_config,
-                        pairs[split][1], "eval" if split == eval_split else split)  # fmt: skip
+                        pairs[split][1], prefix)  # fmt: skip
 
     bar = common.progress_bar(accelerator, max_steps, state.step)
     model.train()
@@ -446,7 +446,7 @@ def training_function(args: TranslateArguments) -> dict[str, float]:
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
                 logger.log(metrics, state.step)
             if common.is_due(state.step, args.eval_steps, max_steps):
-                scores, _ = run_eval(eval_split)
+                scores, _ = run_eval(eval_split, "eval")
                 bar.set_postfix(loss=f"{metrics.get('train_loss', math.nan):.3f}",
                                 bleu=f"{scores['eval_bleu']:.1f}")  # fmt: skip
                 logger.log(scores, state.step)
@@ -457,7 +457,7 @@ def training_function(args: TranslateArguments) -> dict[str, float]:
     bar.close()
 
     results = logger.latest("eval_")
-    test_scores, hypotheses = run_eval("test")
+    test_scores, hypotheses = run_eval("test", "test")
     test_src, test_ref = pairs["test"]
     results.update(test_scores)
     results["test_source_copy_bleu"] = source_copy_bleu(test_src, test_ref)

@@ -597,3 +597,19 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, one_thread):
     with pytest.raises(common.ConfigError, match="could not load .*checkpoint-2.*damaged"):
         language_model.main(argv[:-1] + ["0", "--max_steps", "4", "--resume_from_checkpoint",
                                          str(ckpt)])  # fmt: skip
+
+
+def test_max_grad_norm_becomes_deepspeeds_gradient_clipping():
+    """Under DeepSpeed accelerator.clip_grad_norm_ clips nothing: the engine must do it."""
+    for given, max_norm, expected in (("auto", 0.25, 0.25), (0.0, 0.25, 0.25), (0.0, None, 0.0),
+                                      (1.0, 1.0, 1.0)):  # fmt: skip
+        config = {"gradient_clipping": given}
+        common.deepspeed_gradient_clipping(config, max_norm)
+        assert config["gradient_clipping"] == expected
+    config = {}  # absent: DeepSpeed would clip at 1.0
+    common.deepspeed_gradient_clipping(config, None)
+    assert config["gradient_clipping"] == 0.0
+    with pytest.raises(common.ConfigError, match="clips gradients at 1.0.*--max_grad_norm 1.0"):
+        common.deepspeed_gradient_clipping({"gradient_clipping": 1.0}, 0.25)
+    with pytest.raises(common.ConfigError, match="clips gradients at 1.0"):
+        common.deepspeed_gradient_clipping({"gradient_clipping": 1.0}, None)

@@ -241,6 +241,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def test_a_dataset_without_a_validation_split_evaluates_on_test(tmp_path, tiny_slice, one_thread):
+    """The validation split is optional: evaluations during training then use the test split,
+    and the final scores are still the test ones."""
+    data = tmp_path / "no_validation"
+    data.mkdir()
+    for name in ("train", "test"):
+        (data / f"{name}.jsonl").write_text((tiny_slice / f"{name}.jsonl").read_text())
+    argv = [*TINY[1:], "--dataset", str(data), "--max_steps", "2", "--save_steps", "0",
+            "--eval_steps", "2", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    results = translate.main(argv)
+    assert 0.0 <= results["test_bleu"] <= 100.0 and math.isfinite(results["test_loss"])
+    assert results["eval_bleu"] == results["test_bleu"]  # the same split, the same anchor
+
+
 @pytest.mark.parametrize("name", ["adamw", "extrap_sgd_fresh"])
 def test_single_process_runs_with_registry_entries(tmp_path, tiny_slice, name, one_thread):
     """`python recipes/translate.py` (one process) with the baseline and with a closure entry."""

@@ -147,6 +147,45 @@ def _trainer(tmp_path, auto_find_batch_size=False, **kwargs):
                                 **kwargs)  # fmt: skip
 
 
+@pytest.mark.parametrize("how", ["optimizers", "cls_and_kwargs"])
+def test_training_a_trainer_that_was_not_attached_fails_at_the_first_step(tmp_path, how):
+    """Without attach(trainer) every checkpoint would hold x̃: refused, not silently saved."""
+    ids = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    model = _tiny_model()
+    kwargs = ({"optimizers": (ExtrapAdam(model.parameters(), lr=1e-3), None)} if how ==
+              "optimizers" else {"optimizer_cls_and_kwargs": (ExtrapAdam, {"lr": 1e-3})})
+    trainer = _trainer(tmp_path, model=model, train_dataset=data, **kwargs)
+    trainer.args.max_steps = 1
+    with pytest.raises(RuntimeError, match=r"not attached: call extrap_accel.attach\(trainer\)"):
+        trainer.train()
+    attached = _trainer(tmp_path, model=_tiny_model(), train_dataset=data,
+                        optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3}))  # fmt: skip
+    attached.args.max_steps = 1
+    extrap_accel.attach(attached)
+    attached.train()  # the same setup, attached: trains
+
+
+def test_resuming_a_save_only_model_checkpoint_warns_that_the_optimizer_starts_afresh(tmp_path):
+    """No optimizer state in the checkpoint (save_only_model): no per-rank files either, and
+    that is not a missing file — every rank starts the optimizer afresh, with a warning."""
+    ids = torch.randint(0, 16, (8, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": x, "labels": x} for x in ids]
+
+    def trainer(out, steps):
+        t = _trainer(out, model=_tiny_model(), train_dataset=data,
+                     optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3}))  # fmt: skip
+        t.args.max_steps, t.args.save_steps, t.args.save_only_model = steps, 2, True
+        t.args.per_device_train_batch_size = 4
+        extrap_accel.attach(t)
+        return t
+
+    trainer(tmp_path / "a", 2).train()
+    assert not (tmp_path / "a" / "checkpoint-2" / "optimizer.pt").exists()
+    with pytest.warns(UserWarning, match="holds no optimizer state .*starts afresh on every"):
+        trainer(tmp_path / "b", 4).train(resume_from_checkpoint=str(tmp_path / "a/checkpoint-2"))
+
+
 def test_attach_refuses_an_optimizer_class_that_is_not_extrap(tmp_path):
     trainer = _trainer(tmp_path, optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-3}))
     with pytest.raises(TypeError, match="AdamW.*not an extrap_accel optimizer class"):

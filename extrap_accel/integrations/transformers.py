@@ -272,6 +272,14 @@ class ExtrapTrainerCallback(TrainerCallback):
         self.attach_model()
         rank, world_size = self.trainer.args.process_index, self.trainer.args.world_size
         path = local_state_path(checkpoint, 0, rank)
+        if not any(os.path.isfile(os.path.join(checkpoint, name))
+                   for name in ("optimizer.pt", "optimizer.bin")):  # fmt: skip
+            warnings.warn(
+                f"extrap_accel: {checkpoint} holds no optimizer state (save_only_model?); the "
+                "optimizer starts afresh on every rank",
+                stacklevel=2,
+            )
+            return load(checkpoint, *args, **kwargs)
         if os.path.isfile(path):
             opt._pending_local_state = torch.load(path, map_location="cpu", weights_only=True)
         elif world_size > 1:
@@ -286,13 +294,7 @@ class ExtrapTrainerCallback(TrainerCallback):
         try:
             return load(checkpoint, *args, **kwargs)
         finally:
-            if opt._pending_local_state is not None:  # the Trainer loaded no optimizer state
-                opt._pending_local_state = None
-                warnings.warn(
-                    f"extrap_accel: {checkpoint} holds no optimizer state (save_only_model?); "
-                    "the optimizer starts afresh",
-                    stacklevel=2,
-                )
+            opt._pending_local_state = None  # consumed by the optimizer's load_state_dict
 
 
     def _restore_deepspeed(self, checkpoint: str) -> None:

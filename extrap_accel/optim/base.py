@@ -10,6 +10,7 @@ been displaced yet (before the first step) hold x = x̃ and have neither key.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -60,6 +61,8 @@ class ExtrapOptimizer(Optimizer):
         # x̃₀ placed at construction, before any process group: with rank 0's noise on every
         # rank (and, under DeepSpeed, before the engine built its master from the weights)
         self._eager_noise_placed = False
+        self.attached = False  # set by extrap_accel.attach (its handle's source is this or
+        # an adapter of this)
         self._unscaled_grads: dict[Tensor, Tensor] | None = None  # set by LARS during step()
         # Post-local SGD: anchors and momenta differ per rank, so all of it is per-rank state.
         self.per_rank_state = False
@@ -337,6 +340,8 @@ class ExtrapOptimizer(Optimizer):
                 "Trainer, extrap_accel.attach(trainer) before trainer.train()"
             )
         self._check_train_mode()
+        if self._world_size is None and not self.attached:  # the first step (of this run)
+            _refuse_an_unattached_trainer()
         self._resolve_world_size()
         self._initial_placement_pending = self._eager_noise_placed = False
         fresh = any(group["extrapolation"] == "fresh" for group in self.param_groups)
@@ -675,3 +680,19 @@ def _patched_by_grad_scaler(optimizer: Optimizer) -> bool:
     schedulers wrap it there too (tagged ``_wrapped_by_lr_sched``), which is harmless."""
     patched = optimizer.__dict__.get("step")
     return patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False)
+
+
+def _refuse_an_unattached_trainer() -> None:
+    """A Hugging Face Trainer never swaps the anchor in before it saves: stepping one that was
+    not attached would write x̃ into every checkpoint (and, under DDP, resume every rank from
+    rank 0's x̃). Found by the Trainer's training loop on the stack, at the first step only."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_inner_training_loop" and "transformers" in code.co_filename:
+            raise RuntimeError(
+                "a Hugging Face Trainer is stepping this extrap_accel optimizer, but it was not "
+                "attached: call extrap_accel.attach(trainer) before trainer.train(), so that "
+                "checkpoints and save_model hold the anchor and each rank's state is saved"
+            )
+        frame = frame.f_back
