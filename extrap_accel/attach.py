@@ -199,6 +199,9 @@ def attach(model: nn.Module, optimizer=None) -> AttachHandle | ExtrapTrainerCall
             "first attach before attaching a new optimizer"
         )
     handle = AttachHandle(module, opt)
+    with torch.no_grad():
+        for p, x0 in opt._take_back_eager_noise().items():
+            p.copy_(x0)
     if opt._initial_placement_pending:  # noise variants under a process group: x̃₀ now that
         opt.place_initial_noise()  # the wrapper has broadcast rank 0's weights
     return handle

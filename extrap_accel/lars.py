@@ -32,17 +32,20 @@ class LARS:
                 "gradient: wrap SGD / ExtrapSGD"
             )
         self.optimizer = optimizer
-        base = optimizer
-        while not isinstance(base, ExtrapOptimizer) and hasattr(base, "optimizer"):
-            if type(base).__name__ == "DeepSpeedOptimizerWrapper":
-                raise NotImplementedError(
-                    "LARS under DeepSpeed: the engine steps the optimizer itself, so a LARS "
-                    "wrapper around accelerate's prepared optimizer would never run (and ZeRO "
-                    "shards the per-tensor norms it needs). Use DDP for LARS (accelerate launch "
-                    "without a DeepSpeed config)"
-                )
-            base = base.optimizer  # accelerate's AcceleratedOptimizer
-        self._extrap = base if isinstance(base, ExtrapOptimizer) else None
+        # the optimizer and what it wraps: accelerate's AcceleratedOptimizer, DeepSpeed's
+        chain = []
+        while optimizer is not None:
+            chain.append(optimizer)
+            optimizer = getattr(optimizer, "optimizer", None)
+        self._extrap = next((o for o in chain if isinstance(o, ExtrapOptimizer)), None)
+        if any(type(o).__name__ == "DeepSpeedOptimizerWrapper" for o in chain) or (
+            self._extrap is not None and self._extrap.stepped_by_deepspeed
+        ):
+            raise NotImplementedError(
+                "LARS under DeepSpeed: the engine steps the optimizer itself, so a LARS wrapper "
+                "would never run (and ZeRO shards the per-tensor norms it needs). Use DDP for "
+                "LARS (accelerate launch without a DeepSpeed config)"
+            )
         self.trust_coefficient = trust_coefficient
         self.clip = clip
         self.eps = eps

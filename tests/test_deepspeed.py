@@ -113,6 +113,9 @@ def test_load_checkpoint_with_incomplete_local_state_is_refused_on_every_rank(re
         assert "per-rank state for 1 of 2 ranks" in c["rank1_file_missing"]
         assert "saved with 4 processes" in c["other_world_size"]
         assert c["no_files"] == {"warned": True, "at_anchor": True}
+        if _stage(config) < 3:
+            assert "found the checkpoint in" in c["rank1_finds_nothing"]
+            assert "on 1 of 2 ranks only" in c["rank1_finds_nothing"]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -136,11 +139,14 @@ def test_noise_variants_place_x0_before_the_first_forward(results, config):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_loads_that_bring_no_optimizer_state_restore_no_x_tilde(results, config):
-    """load_module_only=True leaves x̃ = anchor (no saved x̃ over an anchor it did not load);
+    """load_module_only=True leaves x̃ = anchor (no saved x̃ over an anchor it did not load),
+    but the noise variants are perturbed again from x̃₀ after a weights-only load;
     a load that finds no checkpoint changes nothing (resume_bit_identical covers it: it runs
     one before the reference trace)."""
     for r in results[config]:
         assert r["saving"]["module_only_load_at_anchor"]
+        assert r["saving"]["noise_after_load_module_only"]  # x̃₀ = x₀ + ξ₀ again
+        assert r["saving"]["noise_after_load_optimizer_states"]
         assert r["saving"]["resume_bit_identical"]
 
 
@@ -220,6 +226,8 @@ def test_unsupported_combinations_fail_at_setup(results):
         assert "only at ZeRO-0 in fp32" in refusals["z0_bf16_stochastic"]
         assert "not correct at DeepSpeed ZeRO stage 3" in refusals["z3_filterwise"]
         assert "'fresh'" in refusals["fresh"]
+        assert "LARS under DeepSpeed" in refusals["lars_engine_optimizer"]
+        assert "LARS under DeepSpeed" in refusals["lars_optimizer"]
 
 
 def test_accelerate_launch_with_a_deepspeed_config(tmp_path):

@@ -162,9 +162,9 @@ class DeepSpeedExtrapolation:
             optimizer._capture.follow_grad = False
             optimizer._capture.missing_is_zero = True  # DeepSpeed's update feeds zeros too
             optimizer._capture.force_active()
+        optimizer.stepped_by_deepspeed = True
         self._sync_param_groups()
-        if not self.direct:
-            self._undo_eager_noise()
+        self._undo_eager_noise()
         self._original = {}
         self._wrap("step", self._step)
         self._wrap("save_checkpoint", self._save_checkpoint)
@@ -199,18 +199,12 @@ class DeepSpeedExtrapolation:
 
     @torch.no_grad()
     def _undo_eager_noise(self) -> None:
-        """A noise-variant optimizer built before the process group existed has already put
-        x̃₀ = x₀ + ξ₀ into the weights, from which DeepSpeed then built its master. Put x₀
-        back into the weights and the master; the adapter places x̃₀ itself (attach_engine)."""
-        opt = self.optimizer
-        if not opt._eager_noise_placed:
-            return
-        opt._eager_noise_placed = False
-        opt._generators.clear()  # seeded for rank 0 before the process group existed
-        placed = [(p, opt.state[p].pop("anchor")) for p in opt.managed_params()
-                  if "anchor" in opt.state.get(p, {})]  # fmt: skip
-        for p, anchor in placed:
-            opt.state[p].pop("extrapolated", None)
+        """A noise-variant optimizer built before deepspeed.initialize created the process group
+        put x̃₀ into the weights at once (with rank 0's noise), and DeepSpeed then broadcast
+        rank 0's weights and built its master from them: put rank 0's x₀ back into the weights
+        and the master; x̃₀ is placed again, per rank, by attach_engine."""
+        x0 = self.optimizer._take_back_eager_noise()
+        for p, anchor in x0.items():
             target = self._target(p)
             if self._sharded(p):
                 if anchor.numel() != p.ds_numel:  # built from the partitioned parameter
@@ -218,9 +212,9 @@ class DeepSpeedExtrapolation:
                 start, n = self._shard_range(p)
                 anchor = anchor.reshape(-1)[start : start + n]
             target.copy_(anchor.to(target.dtype).view_as(target))
-        self.engine.optimizer.refresh_fp32_params()
-        self._refresh_gathered()
-        opt._initial_placement_pending = True
+        if x0 and not self.direct:
+            self.engine.optimizer.refresh_fp32_params()
+            self._refresh_gathered()
 
     def _wrap(self, name: str, method) -> None:
         original = getattr(self.engine, name)
@@ -480,11 +474,7 @@ class DeepSpeedExtrapolation:
                 f"stage {local.get('stage')}; this is rank {opt.rank} at stage {self.stage}"
             )
         params = opt.managed_params()
-        if self.training:  # x̃ placed since the weights were loaded (x̃₀ noise at attach)
-            for p, s in self.state.items():
-                if "anchor" in s:
-                    self._target(p).copy_(s["anchor"])
-        self.state.clear()
+        self._anchor_into_weights()  # x̃ placed since the weights were loaded (x̃₀ at attach)
         for idx, entry in local["state"].items():
             p = params[int(idx)]
             target = self._target(p)
@@ -524,41 +514,52 @@ class DeepSpeedExtrapolation:
             self.state, self.training = {}, True
         result = original(load_dir, tag, *args, **kwargs)
         path = result[0] if isinstance(result, tuple) else result
-        if path is None:  # DeepSpeed found nothing to load and changed nothing: neither do we
+        options = inspect.signature(original).bind_partial(load_dir, tag, *args, **kwargs)
+        weights_only = bool(options.arguments.get("load_module_only")) or not (
+            options.arguments.get("load_optimizer_states", True))
+        where = str(load_dir) if path is None else (
+            os.path.dirname(path) if os.path.isfile(path) else path)
+        local = None if path is None or weights_only else self._read_local_file(where)
+        if not self.restore_on_every_rank(local, where, found=path is not None,
+                                          weights_only=weights_only):  # fmt: skip
+            # no rank found a checkpoint: DeepSpeed changed nothing, and neither do we
             if not self.direct:
                 self.state = kept
                 if was_training:
                     self._swap_all()  # x̃ back into the weights
                 self.training = was_training
-            return result
-        options = inspect.signature(original).bind_partial(load_dir, tag, *args, **kwargs)
-        options = options.arguments
-        if options.get("load_module_only") or not options.get("load_optimizer_states", True):
-            # weights only: the optimizer state starts afresh, and so does the local one
-            if self.direct:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self.optimizer.reset_local_state()
-            return result
-        tag_dir = os.path.dirname(path) if os.path.isfile(path) else path
-        self.restore_on_every_rank(self._read_local_file(tag_dir), tag_dir)
         return result
 
-    def restore_on_every_rank(self, local: dict[str, Any] | None, where: str) -> None:
-        """Put this rank's x̃ and local state back from ``local`` (its file in ``where``, None
-        if it has none), deciding the same way on every rank (one all-reduce): either each rank
-        has its own file, saved with this number of processes, or none has (a checkpoint saved
-        without extrap_accel, or converted to a universal one: the run starts again from the
-        anchor, with a warning). Anything else raises on every rank, instead of leaving a rank
-        on another's x̃ or waiting in a collective."""
+    def restore_on_every_rank(self, local: dict[str, Any] | None, where: str, found: bool = True,
+                              weights_only: bool = False) -> bool:  # fmt: skip
+        """After DeepSpeed loaded a checkpoint (``found``; ``weights_only``: without optimizer
+        state), put this rank's x̃ and local state back from ``local`` (its file in ``where``,
+        None if it has none), deciding the same way on every rank (one all-reduce): either each
+        rank has its own file, saved with this number of processes, or none has (a checkpoint
+        saved without extrap_accel, or converted to a universal one: every rank starts again
+        from the anchor, with a warning). Anything else — also a checkpoint that only some
+        ranks found — raises on every rank, instead of leaving a rank on another's x̃ or
+        waiting in a collective. False if no rank found a checkpoint (nothing was loaded)."""
         world = _dist.world_size()
         saved_k = None if local is None else (local.get("world_size") or world)
-        # [ranks with a file, ranks whose file is for another number of processes]
-        flags = torch.tensor([local is not None, saved_k not in (None, world)],
+        # [ranks that found the checkpoint, ranks with a file, ranks whose file is for another
+        # number of processes]
+        flags = torch.tensor([found, local is not None, saved_k not in (None, world)],
                              dtype=torch.int64, device=self.engine.device)  # fmt: skip
         if _dist.is_initialized():
             torch.distributed.all_reduce(flags)
-        with_file, other_k = int(flags[0]), int(flags[1])
+        n_found, with_file, other_k = (int(f) for f in flags)
+        if n_found == 0:
+            return False
+        if n_found < world:
+            raise ValueError(
+                f"DeepSpeed found the checkpoint in {where} on {n_found} of {world} ranks only: "
+                "every rank must load it (copy the checkpoint folder to every node's disk, or "
+                "load from a shared file system)"
+            )
+        if weights_only:  # the optimizer state starts afresh, and so does the local one
+            self._restart_local_state()
+            return True
         if other_k or 0 < with_file < world:
             raise ValueError(
                 f"{where} holds extrap_accel's per-rank state for {with_file} of {world} ranks"
@@ -576,12 +577,33 @@ class DeepSpeedExtrapolation:
                     "the anchor with fresh local moments",
                     stacklevel=3,
                 )
-                if self.direct:  # the optimizer's state dict holds rank 0's x̃: drop it
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        self.optimizer.reset_local_state()
-            return
+                self._restart_local_state()
+            elif not self.direct:
+                self._restart_local_state()  # (direct: the optimizer's state dict holds x̃)
+            return True
         self.load_local_state_dict(local)
+        return True
+
+    @torch.no_grad()
+    def _restart_local_state(self) -> None:
+        """x̃ = anchor and fresh local moments on this rank; the noise variants place x̃₀."""
+        if self.direct:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.optimizer.reset_local_state()
+            self.optimizer.place_initial_noise()
+            return
+        self._anchor_into_weights()
+        self.place_initial_noise()
+
+    def _anchor_into_weights(self) -> None:
+        """Drop x̃ and the local state: the anchor back into the weights (train mode)."""
+        if self.training:
+            for p, s in self.state.items():
+                if "anchor" in s:
+                    self._target(p).copy_(s["anchor"])
+        self.state.clear()
+        self.training = True
 
     def read_local_state(self, load_dir: str, tag: str | None = None) -> dict[str, Any] | None:
         """This rank's saved x̃ and local state in a checkpoint folder, or None if it has none.
@@ -629,10 +651,6 @@ def attach_engine(engine, optimizer=None):
     adapter = DeepSpeedExtrapolation(engine, opt)
     engine._extrap_accel_adapter = adapter
     adapter.handle = AttachHandle(engine.module, opt if adapter.direct else adapter)
-    if adapter.direct and opt._eager_noise_placed:  # placed with rank 0's noise: again
-        opt._eager_noise_placed = False
-        opt._generators.clear()
-        opt.place_initial_noise()  # from the anchors it kept
     if opt._initial_placement_pending:
         (opt if adapter.direct else adapter).place_initial_noise()
     return adapter

@@ -61,6 +61,7 @@ class ExtrapOptimizer(Optimizer):
         # x̃₀ placed at construction, before any process group: with rank 0's noise on every
         # rank (and, under DeepSpeed, before the engine built its master from the weights)
         self._eager_noise_placed = False
+        self.stepped_by_deepspeed = False  # set by the DeepSpeed engine adapter
         self.attached = False  # set by extrap_accel.attach (its handle's source is this or
         # an adapter of this)
         self._unscaled_grads: dict[Tensor, Tensor] | None = None  # set by LARS during step()
@@ -583,6 +584,29 @@ class ExtrapOptimizer(Optimizer):
                 params = [p for p in group["params"] if p.numel() > 0 and p.requires_grad]
                 anchors = [self._ensure_anchor(p, self.state[p]) for p in params]
                 place_noise_(params, anchors, group=group, generator=self._generator)
+
+    @torch.no_grad()
+    def _take_back_eager_noise(self) -> dict[Tensor, Tensor]:
+        """An x̃₀ placed at construction, before the process group existed, holds rank 0's
+        noise on every rank around each rank's own x₀, while the wrapper (DDP, DeepSpeed) has
+        since made rank 0's weights everyone's. Returns x₀ from rank 0 for each displaced
+        parameter (one broadcast each, at setup) and forgets those anchors and the generators
+        seeded for rank 0; the caller puts x₀ back, and x̃₀ is placed again (pending)."""
+        if not (self._eager_noise_placed and _dist.is_initialized()):
+            return {}
+        self._eager_noise_placed = False
+        self._generators.clear()
+        x0 = {}
+        for p in self.managed_params():
+            state = self.state.get(p)
+            if not state or "anchor" not in state:
+                continue
+            anchor = state.pop("anchor").to(p.device)
+            state.pop("extrapolated", None)
+            torch.distributed.broadcast(anchor, src=0)
+            x0[p] = anchor
+        self._initial_placement_pending = True
+        return x0
 
     def _warn_stochastic_k1(self) -> None:
         if not self._warned_k1_stochastic and self._resolve_world_size() == 1:

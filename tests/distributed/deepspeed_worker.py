@@ -385,17 +385,18 @@ def check_param_groups_and_frozen(stage, precision, threshold, results):
 
 def check_initial_noise(stage, precision, threshold, results):
     """Noise variants perturb from t = 0: x̃₀ = x₀ + ξ₀ is in the weights before the first
-    forward, per rank, and the anchor (DeepSpeed's master) is x₀ — also for an optimizer built
-    before the process group existed, which places x̃₀ at once (simulated here)."""
+    forward, per rank, and the anchor (DeepSpeed's master) is rank 0's x₀ — also for an
+    optimizer built before the process group existed, which places x̃₀ at once, around each
+    rank's own x₀ (simulated here; the ranks initialize differently)."""
     import deepspeed
 
     from extrap_accel import _dist
 
-    dtype = DTYPES[precision]
+    rank, dtype = dist.get_rank(), DTYPES[precision]
     out = {}
     for case in ("after_process_group", "before_process_group"):
-        model = make_model()
-        x0 = [p.detach().clone() for p in model.parameters()]
+        model = make_model(seed=rank)  # DeepSpeed broadcasts rank 0's weights
+        x0 = [gather(p.detach())[0] for p in model.parameters()]
         real = _dist.is_initialized
         if case == "before_process_group":
             _dist.is_initialized = lambda: False
@@ -509,6 +510,14 @@ def check_saving_and_resume(stage, precision, threshold, results, tmp):
     engine3.load_checkpoint(ckpt, tag="t3", load_module_only=True)
     out["module_only_load_at_anchor"] = all(
         torch.equal(adapter3.point(p), adapter3.anchor(p)) for p in engine3.module.parameters())
+    # ... and the noise variants start again from x̃₀ = x₀ + ξ₀ (perturbed from t = 0)
+    for flag in ("load_module_only", "load_optimizer_states"):
+        engine4, _, adapter4 = build(stage, precision, threshold, seed=7,
+                                     extrapolation="gaussian", noise_scale=0.05)
+        engine4.load_checkpoint(ckpt, tag="t3", **{flag: flag == "load_module_only"})
+        out[f"noise_after_{flag}"] = all(
+            not torch.equal(adapter4.point(p), adapter4.anchor(p))
+            for p in engine4.module.parameters() if adapter4.point(p).numel())
     results["saving"] = out
 
 
@@ -521,7 +530,10 @@ def check_incomplete_local_state(stage, precision, threshold, ckpt) -> dict:
 
     rank = dist.get_rank()
     out = {}
-    for case in ("rank1_file_missing", "other_world_size", "no_files"):
+    cases = ["rank1_file_missing", "other_world_size", "no_files"]
+    if stage < 3:  # ZeRO-3: DeepSpeed's own load gathers, so a rank without the checkpoint
+        cases.append("rank1_finds_nothing")  # leaves the others waiting in it (upstream)
+    for case in cases:
         copy = f"{ckpt}_{case}"
         if rank == 0:
             shutil.rmtree(copy, ignore_errors=True)  # a retried launch reuses it
@@ -530,14 +542,18 @@ def check_incomplete_local_state(stage, precision, threshold, ckpt) -> dict:
                 path = os.path.join(copy, "t3", f"extrap_accel_rank{r}.pt")
                 if case == "other_world_size":
                     torch.save(dict(torch.load(path, weights_only=True), world_size=4), path)
-                elif case == "no_files" or r == 1:
+                elif case == "no_files" or case == "rank1_file_missing" and r == 1:
                     os.remove(path)
         dist.barrier()
         engine, _, adapter = build(stage, precision, threshold, seed=7)
+        tag = "t3"
+        if case == "rank1_finds_nothing":  # no `latest` on rank 1: DeepSpeed returns None there
+            tag = None
+            copy += "_not_copied_to_this_node" if rank == 1 else ""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                engine.load_checkpoint(copy, tag="t3")
+                engine.load_checkpoint(copy, tag=tag)
                 params = list(engine.module.parameters())
                 out[case] = {"warned": any("no local extrapolation state" in str(w.message)
                                            for w in caught),
@@ -600,6 +616,13 @@ def check_refusals(results):
             build(**kwargs)
             out[name] = ""
         except (NotImplementedError, ValueError) as e:
+            out[name] = str(e)
+    engine, opt, _ = build(stage=1, precision="bf16")
+    for name, wrapped in (("lars_engine_optimizer", engine.optimizer), ("lars_optimizer", opt)):
+        try:
+            extrap_accel.LARS(wrapped)
+            out[name] = ""
+        except NotImplementedError as e:
             out[name] = str(e)
     results["refusals"] = out
 
