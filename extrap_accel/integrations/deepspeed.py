@@ -49,7 +49,7 @@ SUPPORT = {
     "gaussian": (0, 1, 2, 3),
     "uniform": (0, 1, 2, 3),
     "filterwise": (0, 1, 2),  # needs whole tensors (filter norms)
-    "stochastic": (0,),  # in fp32 only (check_variant): needs the averaged gradient in .grad
+    # "stochastic": ZeRO-0 in fp32 only, which no stage column can say (check_variant)
     "fresh": (),  # a second backward would run DeepSpeed's reduction
 }
 
@@ -205,13 +205,10 @@ class DeepSpeedExtrapolation:
         and the master; x̃₀ is placed again, per rank, by attach_engine."""
         x0 = self.optimizer._take_back_eager_noise()
         for p, anchor in x0.items():
+            if self._sharded(p) and anchor.numel() != p.ds_numel:  # from the partitioned one
+                continue
             target = self._target(p)
-            if self._sharded(p):
-                if anchor.numel() != p.ds_numel:  # built from the partitioned parameter
-                    continue
-                start, n = self._shard_range(p)
-                anchor = anchor.reshape(-1)[start : start + n]
-            target.copy_(anchor.to(target.dtype).view_as(target))
+            target.copy_(self._local_slice(p, anchor).to(target.dtype).view_as(target))
         if x0 and not self.direct:
             self.engine.optimizer.refresh_fp32_params()
             self._refresh_gathered()
@@ -577,9 +574,8 @@ class DeepSpeedExtrapolation:
                     "the anchor with fresh local moments",
                     stacklevel=3,
                 )
+            if world > 1 or not self.direct:  # (one direct process: its state dict holds x̃)
                 self._restart_local_state()
-            elif not self.direct:
-                self._restart_local_state()  # (direct: the optimizer's state dict holds x̃)
             return True
         self.load_local_state_dict(local)
         return True
