@@ -57,9 +57,10 @@ def config(stage: int) -> dict:
 
 def extra_bytes(adapter) -> int:
     opt = adapter.optimizer
-    tensors = list(opt._capture.buffers.values())
-    tensors += [v for s in adapter.state.values() for v in s.values() if torch.is_tensor(v)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    tensors = [opt.anchor(p) for p in opt.managed_params() if opt.core.is_displaced(p)]
+    tensors += [v for p in opt.managed_params() for v in adapter.local_state(p).values()
+                if torch.is_tensor(v)]  # fmt: skip
+    return sum(t.numel() * t.element_size() for t in tensors) + opt.local_grad_nbytes()
 
 
 def worker(args) -> None:

@@ -30,7 +30,7 @@ from γ₀ over the first 10% of the steps, then ×0.1 at 50% and 75% of the ste
   (its anchor, its momentum buffer copied from the global one, its own x̃ and local extrapolation
   momentum carried over) and an ``ExtrapSGD(world_size=1, extrap_scale=c/K)`` — so γ̃ stays c·γ/K —
   takes local steps on its own batches; every H = 4 local steps (and after the last step) the
-  anchors are averaged (x̃ moves with its anchor, ``set_anchor_``) together with the BatchNorm
+  anchors are averaged (x̃ moves with its anchor, ``move_anchor_``) together with the BatchNorm
   running statistics. The anchor average is what is evaluated.
 
 Tuning: every grid point of every method is trained with the first seed; the point with the best
@@ -397,7 +397,7 @@ def _start_local_phase(task, method, point, model, opt, workers, seed, lr):
                 ubuf = workers.local_state[k].get(p_old, {}).get("extrap_momentum_buffer")
                 if ubuf is not None:
                     state["extrap_momentum_buffer"] = ubuf.clone()
-                state["anchor"] = p_new.detach().clone()
+                o_k.core.ensure_anchor(p_new)  # the model holds the anchor x now
                 p_new.copy_(x_tilde)  # train mode: the parameters hold x̃ᵏ
         _with_clipping(o_k, p_k, None)
         local.append((m_k, o_k, p_k))
@@ -410,7 +410,7 @@ def _average_anchors(local) -> None:
     for i in range(len(local[0][2])):
         avg = torch.stack([o.anchor(p[i]) for _, o, p in local]).mean(0)
         for _, o, p in local:
-            p[i].copy_(o.set_anchor_(p[i], avg))
+            p[i].copy_(o.move_anchor_(p[i], avg))
     buffers = [list(m.buffers()) for m, _, _ in local]
     for j in range(len(buffers[0])):
         if buffers[0][j].is_floating_point():

@@ -9,6 +9,8 @@ from .lars import LARS
 from .simulate import VirtualWorkers
 from .integrations.post_local_sgd import PostLocalSGD, enable_post_local_sgd
 from .optim import (
+    Binding,
+    Core,
     ExtrapAdam,
     ExtrapOptimizer,
     ExtrapSGD,
@@ -16,12 +18,15 @@ from .optim import (
     get_optimizer_info,
     list_optimizers,
     register_optimizer,
+    variant_info,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttachHandle",
+    "Binding",
+    "Core",
     "ExtrapAdam",
     "ExtrapOptimizer",
     "ExtrapSGD",
@@ -35,4 +40,5 @@ __all__ = [
     "prepare",
     "register_optimizer",
     "VirtualWorkers",
+    "variant_info",
 ]

@@ -1,210 +1,23 @@
-"""``attach(model, optimizer)``: make a model anchor-safe.
+"""``attach(...)``: the single primitive that makes a model, engine or Trainer anchor-safe.
+
+It dispatches on what it is given through a table of backends; each backend module imports
+its own library (and ``extrap_accel.handle``) only when its entry is taken, so the arrows
+point one way: ``attach`` → backends → ``handle`` → ``optim``.
 
 Once attached, a forward with gradients disabled (``torch.no_grad`` / ``inference_mode``) runs
 at the anchor, ``model.state_dict()`` holds the anchor, and ``model.load_state_dict`` moves
 the anchor (keeping this worker's displacement x̃ − x). Training forwards still run at x̃,
 also in ``model.eval()`` mode (frozen BatchNorm): the signal is grad mode, not module mode.
-A Hugging Face model's ``generate()`` runs at the anchor as a whole (it calls an
-encoder-decoder's encoder directly, past the forward hooks).
+A Hugging Face model's ``generate()`` runs at the anchor as a whole.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Any
+import importlib
+from collections.abc import Callable
+from typing import Any
 
-import torch
-from torch import Tensor, nn
-
-from .optim.base import ExtrapOptimizer
-
-if TYPE_CHECKING:
-    from .integrations.transformers import ExtrapTrainerCallback
-
-_HANDLE_ATTR = "_extrap_accel_handle"
-
-
-class AttachHandle:
-    """The hooks ``attach`` installed; ``remove()`` takes them off again.
-
-    ``source`` knows where the anchor of each parameter is: an extrap_accel optimizer, or a
-    backend adapter (DeepSpeed) with the same four members: ``managed_params()``,
-    ``displaced()``, ``training`` and ``move_anchor_(p, value)``; it may also provide
-    ``anchor_forward()``, a context manager in which the model computes at the anchor.
-    """
-
-    def __init__(self, module: nn.Module, source):
-        self.module = module
-        self.source = source
-        optimizer = getattr(source, "optimizer", source)  # a backend adapter, or the optimizer
-        if hasattr(optimizer, "attached"):
-            optimizer.attached = True
-        self._names: dict[Tensor, list[str]] = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
-            self._names.setdefault(p, []).append(name)
-        managed = set(source.managed_params())
-        self._names = {p: n for p, n in self._names.items() if p in managed}
-        if not self._names:
-            raise ValueError(
-                "attach(model, optimizer): none of the model's parameters is in the optimizer; "
-                "build the optimizer from model.parameters() of this model"
-            )
-        self._anchor_forward = getattr(source, "anchor_forward", None) or self._swap_pointers
-        self._needs_anchor_forward = getattr(source, "needs_anchor_forward", None) or (
-            lambda: bool(self._displaced())
-        )
-        self._context = None
-        self._depth = 0
-        self._handles = [
-            # first, before any framework hook gathers or prefetches weights (DeepSpeed ZeRO-3)
-            module.register_forward_pre_hook(self._pre_forward, prepend=True),
-            module.register_forward_hook(self._post_forward, always_call=True),
-            # torch tags the hook function itself, which a bound method cannot take
-            module.register_state_dict_post_hook(lambda *a: self._state_dict_hook(*a)),
-            module.register_load_state_dict_pre_hook(self._load_hook),
-        ]
-        # Hugging Face generate() calls submodules directly (an encoder-decoder's encoder), which
-        # the forward hooks above cannot see: the whole call runs at the anchor.
-        self._generate = None
-        if callable(getattr(type(module), "generate", None)) and "generate" not in vars(module):
-            self._generate = module.generate
-            module.generate = self._anchored_generate
-        setattr(module, _HANDLE_ATTR, self)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if self._generate is not None:
-            if vars(self.module).get("generate") == self._anchored_generate:
-                del self.module.generate
-            self._generate = None
-        if getattr(self.module, _HANDLE_ATTR, None) is self:
-            delattr(self.module, _HANDLE_ATTR)
-
-    @property
-    def optimizer(self):
-        return self.source
-
-    def _displaced(self) -> list[tuple[Tensor, Tensor]]:
-        return [(p, a) for p, a in self.source.displaced() if p in self._names]
-
-    @contextlib.contextmanager
-    def _swap_pointers(self):
-        """Swap tensor pointers (no copy, values untouched) and back, even if the body raises.
-
-        Nothing an autograd graph saved changes: the values are restored before any backward.
-        """
-        pairs = self._displaced()
-        saved = [(p, p.data) for p, _ in pairs]
-        for p, anchor in pairs:
-            p.data = anchor
-        try:
-            yield
-        finally:
-            for p, data in saved:
-                p.data = data
-
-    # A forward with gradients disabled runs at the anchor; the weights go back afterwards.
-    def _pre_forward(self, module: nn.Module, args: Any) -> None:
-        if self._context is not None:
-            self._depth += 1
-            return
-        if torch.is_grad_enabled() or not self._needs_anchor_forward():
-            return
-        self._context = self._anchor_forward()
-        self._context.__enter__()
-        self._depth = 1
-
-    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._context is None:
-            return
-        self._depth -= 1
-        if self._depth > 0:
-            return
-        context, self._context = self._context, None
-        context.__exit__(None, None, None)
-
-    def _anchored_generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``module.generate`` at the anchor (it runs without gradients), x̃ back afterwards."""
-        if self._context is not None or not self._needs_anchor_forward():
-            return self._generate(*args, **kwargs)
-        context = self._context = self._anchor_forward()
-        context.__enter__()
-        self._depth = 1
-        try:
-            return self._generate(*args, **kwargs)
-        finally:
-            self._context, self._depth = None, 0
-            context.__exit__(None, None, None)
-
-    def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
-        for p, anchor in self._displaced():
-            for name in self._names[p]:
-                if prefix + name in state_dict:
-                    state_dict[prefix + name] = anchor.detach()
-
-    @torch.no_grad()
-    def _load_hook(self, module, state_dict, prefix, local_metadata, strict, *args) -> None:
-        if local_metadata.get("assign_to_params_buffers"):
-            raise RuntimeError(
-                "load_state_dict(assign=True) replaces the parameters that the extrap_accel "
-                "optimizer holds; load with assign=False (the default) into an attached model"
-            )
-        for p, names in self._names.items():
-            keys = [prefix + n for n in names if prefix + n in state_dict]
-            if not keys:
-                continue
-            value = state_dict[keys[0]]
-            if not isinstance(value, Tensor) or value.shape != p.shape:
-                continue  # torch's own loading reports the mismatch
-            loaded = self.source.move_anchor_(p, value)
-            if loaded is not None:  # what the parameter must hold now (x̃ in train mode)
-                for key in keys:
-                    state_dict[key] = loaded
-
-
-def attach(model: nn.Module, optimizer=None) -> AttachHandle | ExtrapTrainerCallback:
-    """Make ``model`` anchor-safe for ``optimizer`` (an ExtrapSGD / ExtrapAdam).
-
-    ``model`` may be a plain module or wrapped in DistributedDataParallel; ``optimizer`` may be
-    wrapped by accelerate. Returns the handle (``handle.remove()`` undoes it).
-
-    ``attach(trainer)`` with a ``transformers.Trainer`` (no optimizer argument) makes the Trainer
-    save, evaluate and resume correctly: see ``extrap_accel.integrations.transformers``.
-    """
-    if _is_hf_trainer(model):
-        if optimizer is not None:
-            raise TypeError(
-                "attach(trainer) takes no optimizer: it uses the Trainer's (optimizers=... or "
-                "optimizer_cls_and_kwargs=...)"
-            )
-        from .integrations.transformers import attach_trainer
-
-        return attach_trainer(model)
-    if type(model).__name__ in ("DeepSpeedEngine", "PipelineEngine"):
-        from .integrations.deepspeed import attach_engine
-
-        return attach_engine(model, optimizer)
-    if optimizer is None:
-        raise TypeError("attach(model, optimizer): the optimizer is missing")
-    module = _unwrap_module(model)
-    opt = _unwrap_optimizer(optimizer)
-    existing = getattr(module, _HANDLE_ATTR, None)
-    if existing is not None:
-        if existing.optimizer is opt:
-            return existing
-        raise RuntimeError(
-            "this model is already attached to another optimizer; call handle.remove() on the "
-            "first attach before attaching a new optimizer"
-        )
-    handle = AttachHandle(module, opt)
-    with torch.no_grad():
-        for p, x0 in opt._take_back_eager_noise().items():
-            p.copy_(x0)
-    if opt._initial_placement_pending:  # noise variants under a process group: x̃₀ now that
-        opt.place_initial_noise()  # the wrapper has broadcast rank 0's weights
-    return handle
+from .handle import AttachHandle, attach_module
 
 
 def _is_hf_trainer(obj: Any) -> bool:
@@ -215,29 +28,42 @@ def _is_hf_trainer(obj: Any) -> bool:
     )
 
 
-def _unwrap_module(model: Any) -> nn.Module:
-    name = type(model).__name__
-    if name in ("FullyShardedDataParallel", "FSDPModule") or name.startswith("FSDP"):
-        raise NotImplementedError(
-            "extrap_accel does not support FSDP yet (each rank's x̃ would be sharded across "
-            "ranks); use DDP or DeepSpeed ZeRO-0/1/2"
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"attach() needs a torch.nn.Module, got {name}")
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-            model = getattr(model, "module", None) or model._orig_mod
+def _is_deepspeed_engine(obj: Any) -> bool:
+    return type(obj).__name__ in ("DeepSpeedEngine", "PipelineEngine")
+
+
+# (recognises it, "module:function" that attaches it, whether it takes an optimizer argument)
+BACKENDS: list[tuple[Callable[[Any], bool], str, bool]] = [
+    (_is_hf_trainer, "extrap_accel.integrations.transformers:attach_trainer", False),
+    (_is_deepspeed_engine, "extrap_accel.integrations.deepspeed:attach_engine", True),
+]
+
+
+def attach(model, optimizer=None):
+    """Make ``model`` anchor-safe for ``optimizer`` (an ExtrapSGD / ExtrapAdam).
+
+    ``model`` may be a plain module or wrapped in DistributedDataParallel; ``optimizer`` may be
+    wrapped by accelerate. Returns the handle (``handle.remove()`` undoes it).
+
+    ``attach(engine, optimizer)`` with a DeepSpeed engine installs the engine adapter
+    (``extrap_accel.integrations.deepspeed``); ``attach(trainer)`` with a
+    ``transformers.Trainer`` (no optimizer argument) makes the Trainer save, evaluate and resume
+    correctly (``extrap_accel.integrations.transformers``).
+    """
+    for recognises, target, takes_optimizer in BACKENDS:
+        if not recognises(model):
             continue
-        return model
+        if not takes_optimizer and optimizer is not None:
+            raise TypeError(
+                "attach(trainer) takes no optimizer: it uses the Trainer's (optimizers=... or "
+                "optimizer_cls_and_kwargs=...)"
+            )
+        module_name, function = target.split(":")
+        backend = getattr(importlib.import_module(module_name), function)
+        return backend(model, optimizer) if takes_optimizer else backend(model)
+    if optimizer is None:
+        raise TypeError("attach(model, optimizer): the optimizer is missing")
+    return attach_module(model, optimizer)
 
 
-def _unwrap_optimizer(optimizer: Any) -> ExtrapOptimizer:
-    seen = optimizer
-    while not isinstance(seen, ExtrapOptimizer) and hasattr(seen, "optimizer"):
-        seen = seen.optimizer  # accelerate's AcceleratedOptimizer and similar wrappers
-    if not isinstance(seen, ExtrapOptimizer):
-        raise TypeError(
-            f"attach() needs an extrap_accel optimizer (ExtrapSGD, ExtrapAdam or "
-            f"create_optimizer('extrap_...')), got {type(optimizer).__name__}"
-        )
-    return seen
+__all__ = ["AttachHandle", "attach"]

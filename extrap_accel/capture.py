@@ -12,30 +12,70 @@ removes its hooks and gᵏ is ``.grad``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
 from . import _dist
 
 
+@dataclasses.dataclass(frozen=True)
+class CaptureMode:
+    """How a backend wants this rank's local gradient captured (``optimizer.bind(capture=...)``).
+
+    - ``dtype``: accumulate in this dtype (None: the gradient's).
+    - ``follow_grad``: a cleared ``p.grad`` starts a new accumulation. Off where the backend
+      keeps no ``.grad`` (DeepSpeed ZeRO), whose adapter restarts at every boundary instead.
+    - ``missing_is_zero``: a parameter with no gradient yet reads as zeros, where the backend's
+      update feeds it zeros (DeepSpeed's flat partitions); else None (torch skips it).
+    - ``always``: capture even with one process (a backend that leaves no gradient in ``.grad``).
+    - ``off``: never capture (the backend computes each worker's gradient itself: simulator).
+    """
+
+    dtype: torch.dtype | None = None
+    follow_grad: bool = True
+    missing_is_zero: bool = False
+    always: bool = False
+    off: bool = False
+
+
 class LocalGradCapture:
     def __init__(self, params: list[Tensor]):
-        self.params = [p for p in params if p.requires_grad]
+        self.mode = CaptureMode()
         self.active: bool | None = None  # decided at the first backward
-        self.dtype: torch.dtype | None = None  # accumulate in this dtype (default: the grad's)
-        # Follow p.grad: None means a new accumulation. Off where the backend keeps no .grad
-        # (DeepSpeed ZeRO), whose adapter resets at every accumulation boundary instead.
-        self.follow_grad = True
-        # A parameter with no gradient yet: zeros where the backend's update feeds it zeros
-        # (DeepSpeed's flat gradient partitions), else None (torch's optimizers skip it).
-        self.missing_is_zero = False
         self.buffers: dict[Tensor, Tensor] = {}
         self._fresh: set[Tensor] = set()
-        self._handles = [p.register_hook(self._hook(p)) for p in self.params]
+        self._hooked: set[Tensor] = set()
+        self._all: list[Tensor] = []
+        self._known: set[Tensor] = set()
+        self._handles = []
+        self.add(params)
 
-    def force_active(self) -> None:
-        """Capture even with one process (a backend that leaves no gradient in ``p.grad``)."""
-        self.active = True
+    def add(self, params) -> None:
+        """Hook new parameters (a param group added later). A parameter frozen now is hooked
+        when it is unfrozen, at the next ``reset`` (zero_grad / step)."""
+        for p in params:
+            if p not in self._known:
+                self._known.add(p)
+                self._all.append(p)
+        self._hook_unfrozen()
+
+    def _hook_unfrozen(self) -> None:
+        if self.active is False or self.mode.off:
+            return
+        for p in self._all:
+            if p.requires_grad and p not in self._hooked:
+                self._hooked.add(p)
+                self._handles.append(p.register_hook(self._hook(p)))
+
+    def configure(self, mode: CaptureMode) -> None:
+        self.mode = mode
+        if mode.off:
+            self.active = False
+            self.remove()
+        elif mode.always:
+            self.active = True
 
     def _decide(self) -> bool:
         if self.active is None:
@@ -51,9 +91,9 @@ class LocalGradCapture:
             with torch.no_grad():
                 buf = self.buffers.get(p)
                 if buf is None:
-                    buf = grad.detach().to(self.dtype or grad.dtype, copy=True)
+                    buf = grad.detach().to(self.mode.dtype or grad.dtype, copy=True)
                     self.buffers[p] = buf
-                elif p in self._fresh and not (self.follow_grad and p.grad is None):
+                elif p in self._fresh and not (self.mode.follow_grad and p.grad is None):
                     buf.add_(grad)
                 else:
                     buf.copy_(grad)
@@ -65,13 +105,15 @@ class LocalGradCapture:
         """gᵏ for ``p``: the captured sum, zeros if ``p`` got no gradient on this rank."""
         if not self.active:
             return None
+        if p not in self._hooked:  # unfrozen since the last step: not captured this time
+            return None
         buf = self.buffers.get(p)
         if buf is None:
             if p.grad is not None:
                 buf = torch.zeros_like(p.grad)
-            elif self.missing_is_zero and p.requires_grad:  # ZeRO-3's full shape: ds_shape
+            elif self.mode.missing_is_zero and p.requires_grad:  # ZeRO-3's full shape: ds_shape
                 buf = torch.zeros(getattr(p, "ds_shape", p.shape), device=p.device,
-                                  dtype=self.dtype or p.dtype)  # fmt: skip
+                                  dtype=self.mode.dtype or p.dtype)  # fmt: skip
             else:
                 return None
             self.buffers[p] = buf
@@ -81,13 +123,15 @@ class LocalGradCapture:
         return buf
 
     def reset(self) -> None:
-        """Start a new accumulation (called by ``optimizer.zero_grad``)."""
+        """Start a new accumulation (called by ``optimizer.zero_grad`` and after a step)."""
         self._fresh.clear()
+        self._hook_unfrozen()
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hooked.clear()
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())

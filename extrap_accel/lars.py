@@ -10,6 +10,8 @@ is left as it is (on one process the optimizer reads the unscaled gradient).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -39,7 +41,7 @@ class LARS:
             optimizer = getattr(optimizer, "optimizer", None)
         self._extrap = next((o for o in chain if isinstance(o, ExtrapOptimizer)), None)
         if any(type(o).__name__ == "DeepSpeedOptimizerWrapper" for o in chain) or (
-            self._extrap is not None and self._extrap.stepped_by_deepspeed
+            self._extrap is not None and self._extrap.binding.backend == "deepspeed"
         ):
             raise NotImplementedError(
                 "LARS under DeepSpeed: the engine steps the optimizer itself, so a LARS wrapper "
@@ -118,12 +120,11 @@ class LARS:
                     if wd != 0:
                         scaled.add_(w, alpha=(a - 1.0) * wd)
                     p.grad = scaled
-        if self._extrap is not None:  # the local direction keeps the unscaled gradient
-            self._extrap._unscaled_grads = originals
+        # the local direction keeps the unscaled gradient
+        keep = self._extrap.direction_grads(originals) if self._extrap else contextlib.nullcontext()
         try:
-            return self.optimizer.step()
+            with keep:
+                return self.optimizer.step()
         finally:
-            if self._extrap is not None:
-                self._extrap._unscaled_grads = None
             for p, g in originals.items():
                 p.grad = g

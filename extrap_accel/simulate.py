@@ -25,15 +25,27 @@ import torch
 from torch import Tensor, nn
 
 from . import _dist
-from .optim.base import NOISE_EXTRAPOLATIONS, ExtrapOptimizer
-from .optim.directions import place_noise_
+from .capture import CaptureMode
+from .optim.base import ExtrapOptimizer
+from .optim.core import Core
+
+
+def _find_extrap(optimizer) -> ExtrapOptimizer | None:
+    """The extrap_accel optimizer under wrappers (LARS, accelerate's), or None."""
+    while optimizer is not None and not isinstance(optimizer, ExtrapOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
 
 
 class VirtualWorkers:
     """Simulate ``num_workers`` data-parallel workers around ``model`` and ``optimizer``.
 
-    ``optimizer`` is an extrap_accel optimizer (built on ``model.parameters()``) or any torch
-    optimizer (the mini-batch baseline: every worker computes at the anchor).
+    ``optimizer`` is an extrap_accel optimizer (built on ``model.parameters()``), one wrapped by
+    LARS, or any torch optimizer (the mini-batch baseline: every worker computes at the anchor).
+
+    The model always holds the anchor (the optimizer is bound with ``base_update_only`` and an
+    empty core); each worker's x̃ is a separate set of buffers, placed by the same direction
+    function every backend uses and pointed into the model only for that worker's forward.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_workers: int):
@@ -42,47 +54,30 @@ class VirtualWorkers:
         self.model = model
         self.optimizer = optimizer
         self.num_workers = num_workers
-        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        self.extrap = isinstance(optimizer, ExtrapOptimizer)
-        if self.extrap:
-            if any(g["extrapolation"] == "fresh" for g in optimizer.param_groups):
+        self.extrap = _find_extrap(optimizer)
+        groups = (self.extrap or optimizer).param_groups
+        self.params = [p for g in groups for p in g["params"] if p.requires_grad]
+        if self.extrap is not None:
+            if any(g["extrapolation"] == "fresh" for g in groups):
                 raise NotImplementedError(
                     "extrapolation='fresh' is not simulated (it needs each worker's closure at "
                     "the anchor): use past, gaussian, uniform or stochastic"
                 )
-            if any(set(s) - {"anchor"} for s in optimizer.state.values()):
+            if any(s for s in self.extrap.state.values()):
                 raise ValueError("build VirtualWorkers before the optimizer's first step")
-            with torch.no_grad():  # undo the noise variants' x̃₀: each worker draws its own
-                for p, state in optimizer.state.items():
-                    p.copy_(state.pop("anchor"))
-            requested = optimizer._requested_world_size
-            if requested not in (None, num_workers):
-                raise ValueError(
-                    f"the optimizer was built with world_size={requested} but simulates "
-                    f"num_workers={num_workers}: give the same K (or leave world_size out)"
-                )
-            optimizer._requested_world_size = num_workers
-            optimizer.base_update_only = True  # the parameters are the anchor
-            optimizer.anchor_source = self
-            optimizer._capture.remove()
+            self.extrap.bind(backend="simulator", core=Core(), base_update_only=True,
+                             world_size=num_workers, capture=CaptureMode(off=True))  # fmt: skip
         self.points = [[p.detach().clone() for p in self.params] for _ in range(num_workers)]
         self.local_state: list[dict[Tensor, dict]] = [{} for _ in range(num_workers)]
         self._generators: list[dict[torch.device, torch.Generator]] = [
             {} for _ in range(num_workers)
         ]
-        if self.extrap:  # the noise variants perturb from t = 0
-            for k in range(num_workers):
-                self._place_initial_noise(k)
-
-    # ------------------------------------------------------------ what the optimizer asks
-    def set_mode(self, train: bool) -> None:
-        """optimizer.eval()/train(): nothing to swap, the model always holds the anchor."""
 
     def _generator(self, k: int, device: torch.device) -> torch.Generator:
         gen = self._generators[k].get(device)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(_dist.generator_seed(self.optimizer._seed, k, device))
+            gen.manual_seed(_dist.generator_seed(self.extrap._seed, k, device))
             self._generators[k][device] = gen
         return gen
 
@@ -108,61 +103,48 @@ class VirtualWorkers:
             finally:
                 for p, anchor in zip(self.params, anchors):
                     p.data = anchor
-            local_grads.append([torch.zeros_like(p) if p.grad is None else p.grad.detach()
-                                for p in self.params])  # fmt: skip
+            local_grads.append([None if p.grad is None else p.grad.detach() for p in self.params])
             losses.append(loss.detach())
         with torch.no_grad():
-            for i, p in enumerate(self.params):  # DDP's average: each gradient / K, then summed
-                p.grad = torch.stack([g[i] / K for g in local_grads]).sum(0)
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-        averaged = [p.grad for p in self.params]
+            for i, p in enumerate(self.params):
+                grads = [g[i] for g in local_grads]
+                if all(g is None for g in grads):  # no worker used it: no gradient, as in DDP
+                    p.grad = None
+                    continue
+                grads = [torch.zeros_like(p) if g is None else g for g in grads]
+                for worker, g in zip(local_grads, grads):
+                    worker[i] = g
+                p.grad = torch.stack([g / K for g in grads]).sum(0)  # DDP: each / K, summed
+        groups = (self.extrap or self.optimizer).param_groups
+        lrs = [float(g["lr"]) for g in groups]
         self.optimizer.step()
-        if self.extrap:
+        if self.extrap is not None:
             with torch.no_grad():
                 for k in range(K):
-                    self._extrapolate(k, local_grads[k], averaged, lrs)
+                    self._extrapolate(k, local_grads[k], lrs)
         else:
             for points in self.points:
                 for point, anchor in zip(points, anchors):
                     point.copy_(anchor)
         return losses
 
-    def _extrapolate(self, k: int, local: list[Tensor], averaged: list[Tensor],
-                     lrs: list[float]) -> None:  # fmt: skip
-        opt = self.optimizer
+    def _extrapolate(self, k: int, local: list[Tensor | None], lrs: list[float]) -> None:
+        opt = self.extrap
         index = {p: i for i, p in enumerate(self.params)}
         norm = None
         for group, lr in zip(opt.param_groups, lrs):
-            gamma = opt._extrap_lr(group, lr)
-            variant = group["extrapolation"]
+            params = [p for p in group["params"] if p in index and local[index[p]] is not None]
+            if not params:
+                continue
             coef = 1.0
             if group["extrap_max_norm"] is not None:
-                if norm is None:
-                    norm = float(torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(g.double()) for g in local])))
+                if norm is None:  # worker k's own total norm
+                    norm = float(torch.linalg.vector_norm(torch.stack(
+                        [torch.linalg.vector_norm(g.double()) for g in local if g is not None])))
                 coef = min(1.0, float(group["extrap_max_norm"]) / (norm + 1e-6))
-            for p in group["params"]:
-                if p not in index:
-                    continue
-                i = index[p]
-                out, anchor = self.points[k][i], p.detach()
-                if variant == "past":
-                    state = self.local_state[k].setdefault(p, {})
-                    opt._extrapolate_into(group, out, anchor, local[i], state, local_coef=coef,
-                                          extrap_lr=gamma)  # fmt: skip
-                elif variant == "stochastic":
-                    torch.add(anchor, local[i] - averaged[i], alpha=-gamma, out=out)
-                elif variant in NOISE_EXTRAPOLATIONS:
-                    place_noise_([out], [anchor], group=group,
-                                 generator=lambda device: self._generator(k, device))
-
-    def _place_initial_noise(self, k: int) -> None:
-        index = {p: i for i, p in enumerate(self.params)}
-        with torch.no_grad():
-            for group in self.optimizer.param_groups:
-                if group["extrapolation"] not in NOISE_EXTRAPOLATIONS:
-                    continue
-                for p in group["params"]:
-                    if p in index:
-                        place_noise_([self.points[k][index[p]]], [p.detach()], group=group,
-                                     generator=lambda device: self._generator(k, device))
+            opt.place_next_(
+                group, params, outs=[self.points[k][index[p]] for p in params],
+                anchors=[p.detach() for p in params], local_grads=[local[index[p]] for p in params],
+                states=[self.local_state[k].setdefault(p, {}) for p in params], lr=lr,
+                local_coef=coef, generator=lambda device: self._generator(k, device),
+            )  # fmt: skip

@@ -211,9 +211,7 @@ class TrainingArguments:
             )
         if self.lars and uses_closure_name(self.optimizer):
             raise ConfigError(f"--lars cannot wrap {self.optimizer} (its step takes a closure)")
-        if self.lars and extrap_accel.get_optimizer_info(self.optimizer).cls.__name__ in (
-            "AdamW", "ExtrapAdam"
-        ):
+        if self.lars and extrap_accel.get_optimizer_info(self.optimizer).family == "adam":
             raise ConfigError(
                 f"--lars rescales an SGD-type update; {self.optimizer} is Adam-type: use --lars "
                 "with sgd or an extrap_sgd* optimizer"
@@ -460,7 +458,7 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
 
 
 def uses_closure_name(name: str) -> bool:
-    return extrap_accel.get_optimizer_info(name).defaults.get("extrapolation") == "fresh"
+    return extrap_accel.get_optimizer_info(name).needs_closure
 
 
 def _base_optimizer(optimizer):
@@ -472,7 +470,8 @@ def _base_optimizer(optimizer):
 
 def uses_closure(optimizer) -> bool:
     base = _base_optimizer(optimizer)
-    return any(g.get("extrapolation") == "fresh" for g in base.param_groups)
+    return any("extrapolation" in g and extrap_accel.variant_info(
+        g["extrapolation"], bool(g.get("filterwise"))).needs_closure for g in base.param_groups)
 
 
 def create_optimizer(args: TrainingArguments, params, *, extrap_max_norm: float | None = None):
@@ -483,7 +482,7 @@ def create_optimizer(args: TrainingArguments, params, *, extrap_max_norm: float 
     noise_scale (noise variants) and ``extrap_max_norm`` (the 'past' direction only).
     """
     info = extrap_accel.get_optimizer_info(args.optimizer)
-    adam = issubclass(info.cls, (torch.optim.Adam, torch.optim.AdamW, extrap_accel.ExtrapAdam))
+    adam = info.family == "adam"
     kwargs: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
     if adam:
         kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
@@ -495,12 +494,11 @@ def create_optimizer(args: TrainingArguments, params, *, extrap_max_norm: float 
             kwargs["extrap_lr"] = args.extrap_lr
         else:
             kwargs["extrap_scale"] = args.extrap_scale
-        variant = info.defaults.get("extrapolation", "past")
-        if variant in ("gaussian", "uniform"):
+        if info.variant.noise:
             kwargs["noise_scale"] = args.noise_scale
         elif args.noise_scale is not None:
             raise ConfigError(f"noise_scale applies to the noise variants, not {args.optimizer}")
-        if variant == "past" and extrap_max_norm is not None:
+        if info.variant.name == "past" and extrap_max_norm is not None:
             kwargs["extrap_max_norm"] = extrap_max_norm
     elif args.noise_scale is not None or args.extrap_lr is not None:
         raise ConfigError(f"{args.optimizer} does not extrapolate: remove noise_scale/extrap_lr")
@@ -883,9 +881,9 @@ def check_checkpoint(accelerator, path: str) -> None:
     wanted = [f"random_states_{rank}.pkl"] if saved and saved > 1 else []
     if os.path.exists(os.path.join(path, "optimizer.bin")):  # (DeepSpeed keeps its own layout)
         wanted.append("model.safetensors")
-        wanted += [f for f in os.listdir(path) if f.startswith("extrap_accel_local_")
-                   and f.endswith("_rank0.pt")]  # fmt: skip
-        wanted = [f.replace("_rank0.pt", f"_rank{rank}.pt") for f in wanted]
+        wanted += [f for f in os.listdir(path) if f.startswith("extrap_accel_")
+                   and f.endswith("_rank0.pt") or f == "extrap_accel_rank0.pt"]  # fmt: skip
+        wanted = [f.replace("rank0.pt", f"rank{rank}.pt") for f in wanted]
     missing = [f for f in wanted if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise ConfigError(

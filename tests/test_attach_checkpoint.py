@@ -149,10 +149,18 @@ def test_noise_extrapolation_can_be_built_on_ordinary_parameters():
     before = {n: p.detach().clone() for n, p in named_params(model)}
     # (ExtrapOptimizer.__init__ once placed the noise outside no_grad and raised here)
     opt = ExtrapSGD(model.parameters(), **GAUSSIAN)
-    # x̃₀ = x₀ + ξ₀ is placed at once; the anchor is the initial weights
+    # no variant perturbs at t = 0: weights loaded after the optimizer was built are x₀
     for n, p in named_params(model):
-        assert torch.equal(opt.anchor(p), before[n]), n
-    assert any(not torch.equal(p.detach(), before[n]) for n, p in named_params(model))
+        assert torch.equal(p.detach(), before[n]), n
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # the anchor is the loaded x₀ (+1); noise is placed around it for the next step
+    for n, p in named_params(model):  # (weight decay moved it a little)
+        torch.testing.assert_close(opt.anchor(p), before[n] + 1.0, rtol=1e-3, atol=1e-3)
+    assert any(not torch.equal(p.detach(), before[n] + 1.0) for n, p in named_params(model))
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))

@@ -127,25 +127,25 @@ def test_param_groups_one_empty_and_a_frozen_parameter(results, config):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_noise_variants_place_x0_before_the_first_forward(results, config):
-    """x̃₀ = x₀ + ξ₀ per rank at attach, the anchor (master) x₀, also when the optimizer was
-    built before the process group (it had placed rank 0's noise into the weights DeepSpeed
-    then copied into its master)."""
+def test_noise_variants_start_at_x0_and_draw_per_rank_after_each_step(results, config):
+    """No variant perturbs at t = 0: the weights and the anchor (master) are rank 0's x₀, also
+    when the optimizer was built before the process group; after a step each rank holds its
+    own noise."""
     for r in results[config]:
         for case in ("after_process_group", "before_process_group"):
-            assert r["initial_noise"][case] == {"anchor_is_x0": True, "displaced": True,
-                                                "ranks_differ": True}, case
+            assert r["initial_noise"][case] == {"anchor_is_x0": True, "x0_at_t0": True,
+                                                "displaced": True, "ranks_differ": True}, case
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_loads_that_bring_no_optimizer_state_restore_no_x_tilde(results, config):
     """load_module_only=True leaves x̃ = anchor (no saved x̃ over an anchor it did not load),
-    but the noise variants are perturbed again from x̃₀ after a weights-only load;
-    a load that finds no checkpoint changes nothing (resume_bit_identical covers it: it runs
-    one before the reference trace)."""
+    for the noise variants too (they draw after the next step); a load that finds no
+    checkpoint changes nothing (resume_bit_identical covers it: it runs one before the
+    reference trace)."""
     for r in results[config]:
         assert r["saving"]["module_only_load_at_anchor"]
-        assert r["saving"]["noise_after_load_module_only"]  # x̃₀ = x₀ + ξ₀ again
+        assert r["saving"]["noise_after_load_module_only"]  # x̃ = x
         assert r["saving"]["noise_after_load_optimizer_states"]
         assert r["saving"]["resume_bit_identical"]
 

@@ -303,11 +303,11 @@ def test_find_latest_checkpoint_and_resume_errors(tmp_path):
         common.check_checkpoint(SimpleNamespace(num_processes=4, process_index=1),
                                 str(tmp_path / "checkpoint-100"))  # fmt: skip
     ckpt = tmp_path / "checkpoint-100"
-    for name in ("optimizer.bin", "model.safetensors", "extrap_accel_local_0_rank0.pt"):
+    for name in ("optimizer.bin", "model.safetensors", "extrap_accel_rank0.pt"):
         (ckpt / name).write_bytes(b"")
-    with pytest.raises(common.ConfigError, match="random_states_1.pkl, extrap_accel_local_0_rank1"):
+    with pytest.raises(common.ConfigError, match="random_states_1.pkl, extrap_accel_rank1"):
         common.check_checkpoint(launch, str(ckpt))
-    for name in ("random_states_1.pkl", "extrap_accel_local_0_rank1.pt"):
+    for name in ("random_states_1.pkl", "extrap_accel_rank1.pt"):
         (ckpt / name).write_bytes(b"")
     common.check_checkpoint(launch, str(ckpt))
 

@@ -340,7 +340,7 @@ def test_checkpoint_weights_are_the_anchor(runs):
                 assert not any(torch.equal(w, point) for w in same_shape)
         assert displaced == len(entries)  # extrap-Adam moved every tensor off the anchor
         for rank in (0, 1):
-            assert (checkpoint / f"extrap_accel_local_0_rank{rank}.pt").exists()
+            assert (checkpoint / f"extrap_accel_rank{rank}.pt").exists()
     final = load_file(str(full / "model.safetensors"))
     last = load_file(str(full / f"checkpoint-{STEPS}" / "model.safetensors"))
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
@@ -364,10 +364,11 @@ def test_translate_resumes_exactly(runs):
     b = load_file(str(resumed / f"checkpoint-{STEPS}" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for rank in (0, 1):  # each rank's x̃ and local moments
-        name = f"extrap_accel_local_0_rank{rank}.pt"
+        name = f"extrap_accel_rank{rank}.pt"
         la = torch.load(full / f"checkpoint-{STEPS}" / name, weights_only=True)
         lb = torch.load(resumed / f"checkpoint-{STEPS}" / name, weights_only=True)
         assert la["world_size"] == 2 and la["rank"] == rank
+        la, lb = la["optimizers"][0], lb["optimizers"][0]
         for idx, entry in la["state"].items():
             assert all(torch.equal(v, lb["state"][idx][k]) for k, v in entry.items())
     assert json.loads((full / "results.json").read_text())["test_bleu"] == (

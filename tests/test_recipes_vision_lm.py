@@ -72,10 +72,11 @@ def _assert_resumed_exactly(full, resumed, middle: int, final: int) -> None:
         b = load_file(os.path.join(resumed, checkpoint, "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         for rank in (0, 1):  # each rank's x̃ and local moments
-            name = f"extrap_accel_local_0_rank{rank}.pt"
+            name = f"extrap_accel_rank{rank}.pt"
             la = torch.load(os.path.join(full, checkpoint, name), weights_only=True)
             lb = torch.load(os.path.join(resumed, checkpoint, name), weights_only=True)
             assert la["world_size"] == 2 and la["rank"] == rank
+            la, lb = la["optimizers"][0], lb["optimizers"][0]
             for idx, entry in la["state"].items():
                 assert all(torch.equal(v, lb["state"][idx][k]) for k, v in entry.items())
 
@@ -98,7 +99,7 @@ def test_vision_trains_and_reports_accuracy(vision_runs):
     for name in ("curves.png", "config.yaml", "model.safetensors"):
         assert (full / name).exists(), name
     for rank in (0, 1):  # the per-rank state is in every checkpoint
-        assert (full / "checkpoint-10" / f"extrap_accel_local_0_rank{rank}.pt").exists()
+        assert (full / "checkpoint-10" / f"extrap_accel_rank{rank}.pt").exists()
         assert (full / "checkpoint-10" / f"smoothness_rank{rank}.pt").exists()
 
 

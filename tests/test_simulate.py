@@ -75,17 +75,19 @@ def test_baseline_is_large_batch_sgd_on_the_averaged_gradient():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
-def test_noise_workers_draw_their_own_noise_from_t0():
+def test_noise_workers_draw_their_own_noise_after_each_step():
     model = Quadratic()
     opt = extrap_accel.create_optimizer("extrap_sgd_gaussian", model.parameters(), lr=0.1,
                                         noise_scale=1e-2)
     workers = extrap_accel.VirtualWorkers(model, opt, num_workers=K)
     anchor = model.w.detach().clone()
-    assert not torch.equal(workers.points[0][0], anchor)
-    assert not torch.equal(workers.points[0][0], workers.points[1][0])
+    assert all(torch.equal(points[0], anchor) for points in workers.points)  # t = 0: x₀
     state = torch.random.get_rng_state()
     workers.step(model.loss)
     assert torch.equal(torch.random.get_rng_state(), state)  # explicit generators only
+    anchor = model.w.detach()
+    assert not torch.equal(workers.points[0][0], anchor)
+    assert not torch.equal(workers.points[0][0], workers.points[1][0])
 
 
 def test_errors():

@@ -3,20 +3,16 @@ anchor safety, the fp16 scale, and per-rank checkpointing of the local extrapola
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..attach import _unwrap_module, _unwrap_optimizer, attach
+from .. import checkpoint
+from ..attach import attach
+from ..handle import unwrap_module, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
 
 _REGISTRY_ATTR = "_extrap_accel_optimizers"
-
-
-def local_state_path(output_dir: str, index: int, rank: int) -> str:
-    return os.path.join(output_dir, f"extrap_accel_local_{index}_rank{rank}.pt")
 
 
 def prepare(accelerator, *objects: Any) -> Any:
@@ -53,7 +49,7 @@ def prepare(accelerator, *objects: Any) -> Any:
         if isinstance(obj, nn.Module):
             continue
         try:
-            optimizer = _unwrap_optimizer(obj)
+            optimizer = unwrap_optimizer(obj)
         except TypeError:
             continue
         if deepspeed:  # the engine adapter saves per-rank state inside save_checkpoint
@@ -81,32 +77,31 @@ def prepare(accelerator, *objects: Any) -> Any:
 def _model_of(optimizer: ExtrapOptimizer, models: list[nn.Module]) -> nn.Module | None:
     params = {p for g in optimizer.param_groups for p in g["params"]}
     for model in models:
-        if any(p in params for p in _unwrap_module(model).parameters()):
+        if any(p in params for p in unwrap_module(model).parameters()):
             return model
     return None
 
 
 def _register_checkpoint_hooks(accelerator, registry: list[ExtrapOptimizer]) -> None:
     def save_hook(models, weights, output_dir):
-        for i, optimizer in enumerate(registry):
-            torch.save(
-                optimizer.local_state_dict(),
-                local_state_path(output_dir, i, accelerator.process_index),
-            )
+        checkpoint.save(output_dir, registry, accelerator.process_index)
 
     def load_hook(models, input_dir):
+        # Runs on every rank before accelerate loads the optimizers: each one applies its
+        # staged local state right after its load_state_dict.
+        states = checkpoint.read(input_dir, accelerator.process_index, len(registry))
+        if states is not None and len(states) != len(registry):
+            raise ValueError(
+                f"{checkpoint.path(input_dir, accelerator.process_index)} holds the state of "
+                f"{len(states)} extrap_accel optimizers, but {len(registry)} were prepared"
+            )
+        # one process: the optimizer's own state dict already holds x̃ and its local state
+        decision = checkpoint.agree(states, input_dir, optional=accelerator.num_processes == 1)
         for i, optimizer in enumerate(registry):
-            path = local_state_path(input_dir, i, accelerator.process_index)
-            if os.path.exists(path):
-                optimizer._pending_local_state = torch.load(
-                    path, map_location="cpu", weights_only=True
-                )
-                optimizer._local_state_missing = None
-            else:
-                # Saved by fewer processes, or a node's files were not copied: the optimizer
-                # raises at its first step (naming the file) unless reset_local_state() is
-                # called, instead of continuing this rank from rank 0's x̃.
-                optimizer._local_state_missing = path
+            if decision == "load":
+                optimizer.stage_local_state(states[i])
+            elif decision == "restart":
+                optimizer.stage_local_state(None, restart=True)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

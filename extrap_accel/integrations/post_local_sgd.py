@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
-from ..attach import _unwrap_optimizer
+from ..handle import unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
 
 
@@ -73,7 +73,7 @@ class PostLocalSGD:
         self.start_step = start_step
         self.period = period
         try:
-            self.optimizer = _unwrap_optimizer(optimizer)
+            self.optimizer = unwrap_optimizer(optimizer)
         except TypeError:
             while hasattr(optimizer, "optimizer"):
                 optimizer = optimizer.optimizer
@@ -92,7 +92,7 @@ class PostLocalSGD:
         self._averaged_last = False
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
         if isinstance(self.optimizer, ExtrapOptimizer):  # anchors and momenta differ per rank
-            self.optimizer.per_rank_state = True
+            self.optimizer.bind(per_rank_state=True)
 
     def resume_at(self, step: int) -> None:
         """Continue the switch and the averaging schedule from optimizer step ``step``."""
@@ -126,12 +126,13 @@ class PostLocalSGD:
         return True
 
     def _average(self) -> None:
-        if isinstance(self.optimizer, ExtrapOptimizer):
-            pairs = self.optimizer.displaced()
-            offsets = [p - anchor for p, anchor in pairs]
-            _average_in_place([anchor for _, anchor in pairs], self.averager.process_group)
-            for (p, anchor), offset in zip(pairs, offsets):
-                torch.add(anchor, offset, out=p.data)  # x̃ = x̄ + (x̃ − x)
+        opt = self.optimizer
+        if isinstance(opt, ExtrapOptimizer):  # the anchors, in either mode; x̃ moves with them
+            params = [p for p in opt.managed_params() if opt.core.is_displaced(p)]
+            anchors = [opt.anchor(p).clone() for p in params]
+            _average_in_place(anchors, self.averager.process_group)
+            for p, anchor in zip(params, anchors):
+                p.data.copy_(opt.move_anchor_(p, anchor))  # x̃ = x̄ + (x̃ − x)
         else:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             _average_in_place(params, self.averager.process_group)

@@ -39,14 +39,16 @@ and 4.47.1 on one process; ``optimizer_cls_and_kwargs`` needs transformers >= 4.
   ``model.zero_grad()``, and the optimizer's is what restarts the accumulation of this rank's
   local gradient gᵏ for the next step.
 - ``trainer._save_checkpoint`` is wrapped: after the Trainer has written the checkpoint, every
-  rank writes its ``optimizer.local_state_dict()`` to
-  ``checkpoint-N/extrap_accel_local_0_rank{r}.pt``. (Not ``on_save``: the Trainer's
+  rank writes its ``optimizer.local_state_dict()`` to ``checkpoint-N/extrap_accel_rank{r}.pt``
+  (``extrap_accel.checkpoint``). (Not ``on_save``: the Trainer's
   just-in-time checkpoint on SIGTERM calls ``_save_checkpoint`` without ``on_save``, and the
   folder of a hyperparameter-search trial is only known there.)
 - ``trainer._load_optimizer_and_scheduler(checkpoint)`` is wrapped: each rank reads its own
-  file into ``optimizer._pending_local_state``, which ``load_state_dict`` applies after the main
-  process's optimizer state, so every rank continues bit for bit from its own x̃. The model
-  weights in the checkpoint are the anchor; the Trainer loads them before the optimizer.
+  file and stages it (``optimizer.stage_local_state``); ``load_state_dict`` applies it after
+  the main process's optimizer state, so every rank continues bit for bit from its own x̃.
+  Every rank or none must have its file (``extrap_accel.checkpoint``: none restarts the local
+  state from the anchor with a warning; some raises on every rank). The model weights in the
+  checkpoint are the anchor; the Trainer loads them before the optimizer.
 
 Under DeepSpeed (``TrainingArguments(deepspeed=...)``) the Trainer builds the optimizer from
 ``optimizer_cls_and_kwargs`` and hands it to DeepSpeed; ``attach(trainer)`` then installs
@@ -98,12 +100,12 @@ import os
 import warnings
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
-from ..attach import AttachHandle, _unwrap_optimizer, attach
+from .. import checkpoint
+from ..handle import AttachHandle, attach_module, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
-from .accelerate import local_state_path
+from ..optim.registry import check_deepspeed_variant, variant_info
 
 __all__ = ["ExtrapTrainerCallback", "attach_trainer"]
 
@@ -132,8 +134,7 @@ def attach_trainer(trainer) -> ExtrapTrainerCallback:
     callback = ExtrapTrainerCallback(trainer)
     trainer.add_callback(callback)
     setattr(trainer, _ATTR, callback)
-    optimizer = trainer.optimizer
-    if optimizer is not None and not _unwrap_optimizer(optimizer)._initial_placement_pending:
+    if trainer.optimizer is not None:
         callback.attach_model()
     return callback
 
@@ -175,7 +176,7 @@ class ExtrapTrainerCallback(TrainerCallback):
         if optimizer is None:
             return None
         try:
-            return _unwrap_optimizer(optimizer)
+            return unwrap_optimizer(optimizer)
         except TypeError:
             raise TypeError(
                 f"attach(trainer): the Trainer's optimizer is a {type(optimizer).__name__}, not "
@@ -196,7 +197,7 @@ class ExtrapTrainerCallback(TrainerCallback):
         if self.deepspeed:
             return self._attach_engine(opt)
         if self.handle is None or self.handle.optimizer is not opt:
-            self.handle = attach(self.trainer.model, opt)
+            self.handle = attach_module(self.trainer.model, opt)
         scaler = getattr(self.trainer.accelerator, "scaler", None)
         if scaler is not None:
             opt.set_grad_scaler(scaler)
@@ -252,62 +253,50 @@ class ExtrapTrainerCallback(TrainerCallback):
                 self.trainer._get_output_dir(trial=trial),
                 f"{_CHECKPOINT_PREFIX}-{self.trainer.state.global_step}",
             )
-            os.makedirs(folder, exist_ok=True)  # this rank may get here before the main one
-            torch.save(
-                opt.local_state_dict(),
-                local_state_path(folder, 0, self.trainer.args.process_index),
-            )
+            checkpoint.save(folder, [opt], self.trainer.args.process_index)
         return out
 
-    def _load_optimizer_and_scheduler(self, checkpoint, *args: Any, **kwargs: Any):
+    def _load_optimizer_and_scheduler(self, checkpoint_dir, *args: Any, **kwargs: Any):
         load = self._originals["_load_optimizer_and_scheduler"]
         opt = self.optimizer
-        if checkpoint is None or opt is None:
-            return load(checkpoint, *args, **kwargs)
+        if checkpoint_dir is None or opt is None:
+            return load(checkpoint_dir, *args, **kwargs)
         if self.deepspeed:
-            self._restore_deepspeed(checkpoint)
-            return load(checkpoint, *args, **kwargs)
-        # Attach before loading, as extrap_accel.prepare does: a noise variant places x̃₀ at
-        # attach, which must not overwrite the loaded x̃.
+            self._restore_deepspeed(checkpoint_dir)
+            return load(checkpoint_dir, *args, **kwargs)
         self.attach_model()
-        rank, world_size = self.trainer.args.process_index, self.trainer.args.world_size
-        path = local_state_path(checkpoint, 0, rank)
-        if not any(os.path.isfile(os.path.join(checkpoint, name))
+        if not any(os.path.isfile(os.path.join(checkpoint_dir, name))
                    for name in ("optimizer.pt", "optimizer.bin")):  # fmt: skip
             warnings.warn(
-                f"extrap_accel: {checkpoint} holds no optimizer state (save_only_model?); the "
+                f"extrap_accel: {checkpoint_dir} holds no optimizer state (save_only_model?); the "
                 "optimizer starts afresh on every rank",
                 stacklevel=2,
             )
-            return load(checkpoint, *args, **kwargs)
-        if os.path.isfile(path):
-            opt._pending_local_state = torch.load(path, map_location="cpu", weights_only=True)
-        elif world_size > 1:
-            # Saved with fewer processes, without attach(trainer), or a node's files were not
-            # copied: this rank would continue from the main process's x̃ and local moments.
-            raise ValueError(
-                f"attach(trainer): {path} is missing, so rank {rank} cannot continue from its "
-                "own x̃ and local moments. Resume with the number of processes that saved the "
-                "checkpoint, with every rank's extrap_accel_local_0_rank*.pt in its folder "
-                "(copy them from each node's disk)"
-            )
+            return load(checkpoint_dir, *args, **kwargs)
+        states = checkpoint.read(checkpoint_dir, self.trainer.args.process_index)
+        # (one process: the optimizer's own state dict holds x̃ and its local state)
+        decision = checkpoint.agree(states, checkpoint_dir,
+                                    optional=self.trainer.args.world_size == 1)  # fmt: skip
+        if decision == "load":
+            opt.stage_local_state(states[0])
+        elif decision == "restart":
+            opt.stage_local_state(None, restart=True)
         try:
-            return load(checkpoint, *args, **kwargs)
+            return load(checkpoint_dir, *args, **kwargs)
         finally:
-            opt._pending_local_state = None  # consumed by the optimizer's load_state_dict
-
+            opt.stage_local_state(None)  # consumed by the optimizer's load_state_dict
 
     def _restore_deepspeed(self, checkpoint: str) -> None:
         """The Trainer has just loaded ``checkpoint`` into the engine (``deepspeed_load_checkpoint``,
         before any step, so the weights hold the saved anchor): attach the engine adapter now
         and put this rank's x̃ and local state back from its own file, deciding the same way on
-        every rank (``DeepSpeedExtrapolation.restore_on_every_rank``)."""
+        every rank (``DeepSpeedExtrapolation.restore``)."""
         if self.attach_model() is None:
             raise RuntimeError(
                 "attach(trainer): the Trainer resumed a DeepSpeed checkpoint before building "
                 "the engine; extrap_accel cannot restore the extrapolation state"
             )
-        self.adapter.restore_on_every_rank(self.adapter.read_local_state(checkpoint), checkpoint)
+        self.adapter.restore(self.adapter.read_local_state(checkpoint), checkpoint)
 
 
 # ---------------------------------------------------------------------- setup checks
@@ -368,8 +357,6 @@ def _check_backend(trainer) -> None:
             "Trainer(..., optimizer_cls_and_kwargs=(ExtrapAdam, {'lr': ...}))"
         )
     # the variant against the ZeRO stage now, not after the Trainer has built the engine
-    from .deepspeed import check_variant
-
     config = _deepspeed_config(trainer)
     stage = config.get("zero_optimization", {}).get("stage", 0)
     kwargs = (getattr(trainer, "optimizer_cls_and_kwargs", None) or (None, {}))[1]
@@ -380,13 +367,13 @@ def _check_backend(trainer) -> None:
 
     if isinstance(stage, int):
         direct = stage == 0 and not (enabled("bf16") or enabled("fp16"))
-        check_variant(kwargs.get("extrapolation", "past"), bool(kwargs.get("filterwise")), stage,
-                      direct)  # fmt: skip
+        info = variant_info(kwargs.get("extrapolation", "past"), bool(kwargs.get("filterwise")))
+        check_deepspeed_variant(info, stage, direct)
 
 
 def _check_optimizer(trainer) -> None:
     if trainer.optimizer is not None:
-        _unwrap_optimizer(trainer.optimizer)  # TypeError for any other optimizer
+        unwrap_optimizer(trainer.optimizer)  # TypeError for any other optimizer
         return
     cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
     if cls_and_kwargs is None:

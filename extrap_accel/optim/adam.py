@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ExtrapOptimizer, check_param_group_options
+from .base import ExtrapOptimizer
 from .sgd import _batches, _chunks, _group_by_device_and_dtype, _split_large
 
 __all__ = ["ExtrapAdam", "extrap_adam"]
@@ -41,6 +41,8 @@ class ExtrapAdam(ExtrapOptimizer):
     """
 
     _local_state_keys = ("extrap_exp_avg", "extrap_exp_avg_sq", "extrap_step")
+    _step_keys = ("extrap_step",)
+    _extrapolations = ("past",)
 
     def __init__(
         self,
@@ -57,13 +59,9 @@ class ExtrapAdam(ExtrapOptimizer):
         world_size: int | None = None,
         foreach: bool | None = None,
     ):
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
-        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"Invalid betas: {betas!r} (two values in [0, 1))")
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             extrap_scale=extrap_scale,
@@ -72,24 +70,28 @@ class ExtrapAdam(ExtrapOptimizer):
             extrapolation="past",
             foreach=foreach,
         )
-        check_param_group_options(defaults, supports=("past",))
         super().__init__(params, defaults, seed=seed, world_size=world_size)
-        for group in self.param_groups:
-            check_param_group_options(group, supports=("past",))
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        eps, betas = group["eps"], group["betas"]
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"Invalid betas: {betas!r} (two values in [0, 1))")
+        group["betas"] = tuple(betas)
+        super()._check_group(group)
 
     def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
         params = self._params_with_grad(group)
         if not params:
             return
-        if self.base_update_only:
-            return self._base_update(group, params)
         lists: dict[str, list[Tensor]] = {k: [] for k in _STATE_KEYS}
         anchors, grads, local_grads = [], [], []
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("ExtrapAdam does not support sparse gradients")
             state = self.state[p]
-            anchors.append(self._ensure_anchor(p, state))
+            anchors.append(self.core.ensure_anchor(p))
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=_scalar_dtype())
                 for key in ("exp_avg", "exp_avg_sq"):
@@ -101,7 +103,7 @@ class ExtrapAdam(ExtrapOptimizer):
             for key in _STATE_KEYS:
                 lists[key].append(state[key])
             grads.append(p.grad)
-            local_grads.append(self._local_grad(p))
+            local_grads.append(self.local_grad(p))
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
         extrap_adam(
@@ -111,7 +113,7 @@ class ExtrapAdam(ExtrapOptimizer):
             local_grads,
             *(lists[k] for k in _STATE_KEYS),
             lr=lr,
-            extrap_lr=self._extrap_lr(group, lr),
+            extrap_lr=self.extrap_lr(group, lr),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
@@ -143,9 +145,10 @@ class ExtrapAdam(ExtrapOptimizer):
             foreach=group["foreach"],
         )  # fmt: skip
 
-    def _extrapolate_into(self, group, out: Tensor, x: Tensor, gk: Tensor, state: dict,
-                          *, local_coef: float, extrap_lr: float) -> None:  # fmt: skip
-        """out = x − γ̃·d for one tensor from its local gradient and local ``state`` (adapters).
+    @classmethod
+    def local_direction_(cls, group, out: Tensor, x: Tensor, gk: Tensor, state: dict,
+                         *, local_coef: float, extrap_lr: float) -> None:  # fmt: skip
+        """out = x − γ̃·d for one tensor from its local gradient and local ``state``.
 
         The local moments are bias-corrected with their own age (``extrap_step``).
         """

@@ -1,18 +1,21 @@
-"""What extrap-SGD and extrap-Adam share: the anchor ↔ x̃ bookkeeping, the train/eval swap,
-K and rank resolution, the noise generators, and checkpointing of all of it.
+"""What extrap-SGD and extrap-Adam share: the optimizer's side of the core (mode, anchor, local
+state), K and rank resolution, the noise generators, checkpointing, and how a backend binds.
 
 Between steps (train mode) each parameter holds this worker's extrapolated point x̃ and the
-optimizer state holds the anchor x under ``"anchor"``. In eval mode the two are swapped: the
-parameter holds x and the state holds x̃ under ``"extrapolated"``. The key always says what the
-buffer is, so there is one buffer per parameter whatever the mode. Parameters that have not
-been displaced yet (before the first step) hold x = x̃ and have neither key.
+optimizer state holds the anchor x under ``"anchor"``; in eval mode the two trade places
+(``extrap_accel.optim.core``). A backend that places x̃ in tensors of its own (DeepSpeed's
+bit16 weights, the simulator's workers) binds to the optimizer with :meth:`ExtrapOptimizer.bind`
+and hands it its core; the optimizer then runs only torch's base update on what the backend
+steps, and every question about x̃ and the anchor goes to that core.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,17 +23,54 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _dist
-from ..capture import LocalGradCapture
+from ..capture import CaptureMode, LocalGradCapture
+from .core import ANCHOR, EXTRAPOLATED, Core
+from .directions import EXTRAPOLATIONS, NOISE_EXTRAPOLATIONS, place_direction_
 
-EXTRAPOLATIONS = ("past", "gaussian", "uniform", "stochastic", "fresh")
-NOISE_EXTRAPOLATIONS = ("gaussian", "uniform")
+LOCAL_STATE_FORMAT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """What a backend told the optimizer with :meth:`ExtrapOptimizer.bind`.
+
+    - ``backend``: who steps the optimizer ("torch", "deepspeed", "simulator", ...).
+    - ``core``: the backend's slots when it places x̃ itself (None: the optimizer's own core
+      over ``p.data``).
+    - ``base_update_only``: ``step()`` is torch's update of what the backend hands it (the
+      anchors: DeepSpeed's fp32 master, the simulator's model); the backend places x̃.
+    - ``layout``: how the backend's x̃ is cut (e.g. "deepspeed-zero3"), saved with each rank's
+      local state; a load into another layout is refused.
+    - ``model_param_groups``: the model's parameters per group, where the backend replaced
+      ``group["params"]`` (DeepSpeed's flat partitions).
+    - ``world_size``: K, where the backend knows it better than the process group (simulator).
+    - ``capture``: how this rank's local gradient is captured (``CaptureMode``).
+    - ``per_rank_state``: anchors and base moments differ per rank (post-local SGD), so each
+      rank's local state carries all of it.
+    - ``attached``: a model is attached (``extrap_accel.attach``), so saves see the anchor.
+    """
+
+    backend: str = "torch"
+    core: Core | None = None
+    base_update_only: bool = False
+    layout: str | None = None
+    model_param_groups: tuple[tuple[Tensor, ...], ...] | None = None
+    world_size: int | None = None
+    capture: CaptureMode | None = None
+    per_rank_state: bool = False
+    attached: bool = False
 
 
 class ExtrapOptimizer(Optimizer):
-    """Base class: subclasses implement ``_step_group`` (base update + next x̃ for one group)."""
+    """Base class: subclasses implement ``_step_group`` (the base update and the fused `past`
+    direction of one group), ``_base_update`` and ``local_direction_`` (one tensor's x̃)."""
 
     # Keys of per-parameter state that are local to this rank (reset by reset_local_state()).
     _local_state_keys: tuple[str, ...] = ()
+    # Step counters among them: torch's load_state_dict casts every other floating-point
+    # state to the parameter's dtype (a bf16 counter sticks at 256).
+    _step_keys: tuple[str, ...] = ()
+    _extrapolations: tuple[str, ...] = EXTRAPOLATIONS
 
     def __init__(self, params, defaults: dict[str, Any], *, seed: int, world_size: int | None):
         if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
@@ -40,58 +80,128 @@ class ExtrapOptimizer(Optimizer):
             )
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        self._check_group(defaults)
         defaults = dict(defaults, train_mode=True)
+        self._constructing = True
         super().__init__(params, defaults)
-        self._init_extrap_attributes(seed=seed, world_size=world_size)
-
-    def _init_extrap_attributes(self, *, seed: int = 0, world_size: int | None = None) -> None:
+        self._constructing = False
+        self._seed = seed
         self._requested_world_size = world_size
+        self._init_runtime()
+
+    def _init_runtime(self, generator_states: dict[str, Tensor] | None = None) -> None:
+        """What is rebuilt rather than copied: hooks, the core, the resolved K and rank."""
+        self._constructing = False
         self._world_size: int | None = None
         self._checkpoint_world_size: int | None = None
-        # set by a checkpoint hook that found no local-state file for this rank
-        self._local_state_missing: str | None = None
-        self._seed = seed
         self._rank: int | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._pending_generator_states: dict[str, Tensor] = {}
-        self._pending_local_state: dict[str, Any] | None = None
+        self._pending_generator_states = dict(generator_states or {})
+        self._staged_local_state: dict[str, Any] | None = None
+        self._restart_after_load = False
         self._grad_scaler = None
         self._warned_k1_stochastic = False
-        self._initial_placement_pending = False
-        # x̃₀ placed at construction, before any process group: with rank 0's noise on every
-        # rank (and, under DeepSpeed, before the engine built its master from the weights)
-        self._eager_noise_placed = False
-        self.stepped_by_deepspeed = False  # set by the DeepSpeed engine adapter
-        self.attached = False  # set by extrap_accel.attach (its handle's source is this or
-        # an adapter of this)
-        self._unscaled_grads: dict[Tensor, Tensor] | None = None  # set by LARS during step()
-        # Post-local SGD: anchors and momenta differ per rank, so all of it is per-rank state.
-        self.per_rank_state = False
-        # The model's parameters per group, kept because DeepSpeed replaces group["params"].
-        self._model_param_groups = [list(g["params"]) for g in self.param_groups]
-        # Under DeepSpeed ZeRO the groups hold fp32 master partitions = the anchor; step() is
-        # then only the base update, and the engine adapter (anchor_source) places x̃.
-        self.base_update_only = False
-        self.anchor_source = None
+        self._direction_grads: dict[Tensor, Tensor] | None = None
+        self._own_core = Core(lambda: self.state)
+        self._binding = Binding(model_param_groups=tuple(tuple(g["params"])
+                                                         for g in self.param_groups))  # fmt: skip
         # This rank's gradient before the all-reduce; without a process group gᵏ = p.grad.
-        self._capture = LocalGradCapture([p for g in self.param_groups for p in g["params"]])
+        self._capture = LocalGradCapture(self.managed_params())
 
-    def __setstate__(self, state):
+    # ------------------------------------------------------------------ copies and pickles
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["extrap"] = {
+            "seed": self._seed,
+            "requested_world_size": self._requested_world_size,
+            "generators": self._generator_states(),
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        extra = state.pop("extrap", None)
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("train_mode", True)
-        if not hasattr(self, "_capture"):
-            self._init_extrap_attributes()
+        if extra is None and hasattr(self, "_binding"):  # torch's load_state_dict calls this
+            return
+        extra = extra or {}
+        self._seed = extra.get("seed", 0)
+        self._requested_world_size = extra.get("requested_world_size")
+        self._init_runtime(extra.get("generators"))
+        self._own_core.training = all(g["train_mode"] for g in self.param_groups)
+
+    # ------------------------------------------------------------------ groups and options
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate one param group's options (constructor defaults and add_param_group)."""
+        check_param_group_options(group, supports=self._extrapolations)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_capture"):  # not during __init__
-            self._model_param_groups.append(list(self.param_groups[-1]["params"]))
-            self._capture = LocalGradCapture([p for g in self.param_groups for p in g["params"]])
+        if self._constructing:  # (validated below, with the defaults filled in)
+            self._check_group(self.param_groups[-1])
+            return
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        group["train_mode"] = self.training
+        groups = self._binding.model_param_groups or ()
+        self._binding = dataclasses.replace(
+            self._binding, model_param_groups=(*groups, tuple(group["params"])))
+        self._capture.add(group["params"])
+
+    def bind(self, **changes: Any) -> Binding:
+        """A backend says how it drives this optimizer (see :class:`Binding`); returns the binding.
+
+        Backends call this instead of setting attributes. Changing ``world_size`` after K was
+        resolved, or the core after x̃ was placed, is refused.
+        """
+        unknown = set(changes) - {f.name for f in dataclasses.fields(Binding)}
+        if unknown:
+            raise TypeError(f"bind() got unknown fields: {', '.join(sorted(unknown))}")
+        if "world_size" in changes and changes["world_size"] is not None:
+            requested = self._requested_world_size
+            if requested not in (None, changes["world_size"]) or (
+                    self._world_size not in (None, changes["world_size"])):  # fmt: skip
+                raise ValueError(
+                    f"the optimizer was built with world_size={requested or self._world_size} "
+                    f"but its backend runs K={changes['world_size']}: give the same K (or leave "
+                    "world_size out)"
+                )
+        if "core" in changes and self._own_core.displaced():
+            raise RuntimeError("bind(core=...): this optimizer has already placed x̃ itself")
+        if "model_param_groups" in changes and changes["model_param_groups"] is not None:
+            changes["model_param_groups"] = tuple(tuple(g) for g in changes["model_param_groups"])
+        self._binding = dataclasses.replace(self._binding, **changes)
+        if "capture" in changes and changes["capture"] is not None:
+            self._capture.configure(changes["capture"])
+        return self._binding
+
+    @property
+    def binding(self) -> Binding:
+        return self._binding
+
+    @property
+    def core(self) -> Core:
+        """The core that holds this rank's x̃ and the anchor: the optimizer's own or a backend's."""
+        return self._binding.core or self._own_core
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         self._capture.reset()
+
+    def reset_local_grads(self) -> None:
+        """Start a new accumulation of this rank's local gradient (backends that step without
+        ``zero_grad``: DeepSpeed at each accumulation boundary)."""
+        self._capture.reset()
+
+    @property
+    def grad_scaler(self):
+        """The ``torch.amp.GradScaler`` handed over with :meth:`set_grad_scaler` (or None)."""
+        return self._grad_scaler
 
     def set_grad_scaler(self, scaler) -> None:
         """Tell the optimizer which ``torch.amp.GradScaler`` scales the loss (fp16).
@@ -107,8 +217,9 @@ class ExtrapOptimizer(Optimizer):
         """K, once resolved at the first step (None before)."""
         return self._world_size
 
-    def _resolve_world_size(self) -> int:
-        current = self._requested_world_size or _dist.world_size()
+    def resolve_world_size(self) -> int:
+        """K: fixed at the first step; a later change is an error."""
+        current = self._binding.world_size or self._requested_world_size or _dist.world_size()
         if self._world_size is None:
             saved = self._checkpoint_world_size
             if saved is not None and saved != current:
@@ -118,15 +229,6 @@ class ExtrapOptimizer(Optimizer):
                     "generators) belongs to the old ranks. Resume with the same number of "
                     "processes, or call optimizer.reset_local_state() after loading to restart "
                     "the local extrapolation state (d = 0)."
-                )
-            if self._local_state_missing is not None and current > 1:
-                raise RuntimeError(
-                    f"{self._local_state_missing} is missing: this rank's x̃ and local moments "
-                    "were not restored, and it would continue from rank 0's. Copy every rank's "
-                    "extrap_accel_local_*_rank*.pt into the checkpoint folder (with node-local "
-                    "disks each node writes its own ranks' files), or call "
-                    "optimizer.reset_local_state() after loading to restart the local "
-                    "extrapolation state (d = 0) on every rank."
                 )
             self._world_size = current
         elif current != self._world_size:
@@ -145,7 +247,8 @@ class ExtrapOptimizer(Optimizer):
             self._rank = _dist.rank()
         return self._rank
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This rank's noise generator on ``device``, seeded from (seed, rank, device)."""
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
@@ -156,17 +259,22 @@ class ExtrapOptimizer(Optimizer):
             self._generators[device] = gen
         return gen
 
-    def _extrap_lr(self, group: dict[str, Any], lr: float | None = None) -> float:
+    def _generator_states(self) -> dict[str, Tensor]:
+        states = {d: s.clone() for d, s in self._pending_generator_states.items()}
+        states.update({str(d): g.get_state() for d, g in self._generators.items()})
+        return states
+
+    def extrap_lr(self, group: dict[str, Any], lr: float | None = None) -> float:
         """γ̃ for this group: ``extrap_lr`` if set, else extrap_scale·γ/K (γ: the rate just used)."""
         if group["extrap_lr"] is not None:
             return float(group["extrap_lr"])
         lr = float(group["lr"]) if lr is None else lr
-        return float(group["extrap_scale"]) * lr / self._resolve_world_size()
+        return float(group["extrap_scale"]) * lr / self.resolve_world_size()
 
-    # ------------------------------------------------------------------ modes and swaps
+    # ------------------------------------------------------------------ modes and the anchor
     @property
     def training(self) -> bool:
-        return all(group["train_mode"] for group in self.param_groups)
+        return self.core.training
 
     def _check_train_mode(self) -> None:
         if not self.training:
@@ -178,139 +286,73 @@ class ExtrapOptimizer(Optimizer):
     @torch.no_grad()
     def eval(self) -> None:
         """Put the anchor x into the parameters (for evaluation); x̃ is kept in the state."""
-        self._set_mode(train=False)
+        self._set_mode(False)
 
     @torch.no_grad()
     def train(self) -> None:
         """Put this worker's extrapolated point x̃ back into the parameters."""
-        self._set_mode(train=True)
+        self._set_mode(True)
 
     def _set_mode(self, train: bool) -> None:
-        if self.base_update_only:  # the engine adapter owns x̃ and the anchor copies
-            self.anchor_source.set_mode(train)
-            for group in self.param_groups:
-                group["train_mode"] = train
-            return
-        held, other = ("extrapolated", "anchor") if train else ("anchor", "extrapolated")
+        self.core.set_mode(train)
         for group in self.param_groups:
-            if group["train_mode"] == train:
-                continue
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and held in state:
-                    buf = state.pop(held)
-                    _swap_(p, buf)
-                    state[other] = buf
             group["train_mode"] = train
 
     def displaced(self) -> list[tuple[Tensor, Tensor]]:
         """(parameter, anchor) for every parameter that holds x̃ now (train mode)."""
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "anchor" in state:
-                    out.append((p, state["anchor"]))
-        return out
+        return self.core.displaced()
 
     def anchor(self, p: Tensor) -> Tensor:
-        """The anchor x of parameter ``p`` (a live tensor: do not modify)."""
-        state = self.state.get(p)
-        if state and "anchor" in state:
-            return state["anchor"]
-        return p.detach()
+        """The anchor x of parameter ``p`` on this rank (a live tensor: do not modify)."""
+        return self.core.anchor(p)
 
     def extrapolated(self, p: Tensor) -> Tensor:
         """This worker's x̃ for parameter ``p`` (a live tensor: do not modify)."""
-        state = self.state.get(p)
-        if state and "extrapolated" in state:
-            return state["extrapolated"]
-        return p.detach()
+        return self.core.point(p)
 
-    @torch.no_grad()
-    def set_anchor_(self, p: Tensor, value: Tensor) -> Tensor:
-        """Move the anchor of ``p`` to ``value`` keeping the displacement x̃ − x.
+    def move_anchor_(self, p: Tensor, value: Tensor) -> Tensor | None:
+        """The anchor of ``p`` becomes ``value`` (weights loaded, anchors averaged), x̃ keeps
+        its displacement; returns what ``p`` must hold now, None if ``p`` is not displaced."""
+        return self.core.move_anchor_(p, value)
 
-        Returns the new x̃. Where ``value`` equals the old anchor, x̃ is kept bit for bit.
-        The caller writes whatever the parameter must hold (x̃ in train mode, x in eval mode).
-        """
-        old_anchor, old_point = self.anchor(p), self.extrapolated(p)
-        value = value.to(device=p.device, dtype=p.dtype)
-        moved = value + (old_point - old_anchor)
-        new_point = torch.where(value == old_anchor, old_point, moved)
-        state = self.state.get(p)
-        if state and "anchor" in state:
-            state["anchor"].copy_(value)
-        elif state and "extrapolated" in state:
-            state["extrapolated"].copy_(new_point)
-        return new_point
+    @contextlib.contextmanager
+    def at_anchor(self) -> Iterator[None]:
+        """The parameters hold the anchor inside the block (no-grad use), x̃ again after it."""
+        with self.core.at_anchor():
+            yield
+
+    def managed_params(self) -> list[Tensor]:
+        """The parameters this optimizer was built with (the model's, also under DeepSpeed)."""
+        return [p for group in self.model_param_groups for p in group]
+
+    @property
+    def model_param_groups(self) -> tuple[tuple[Tensor, ...], ...]:
+        return self._binding.model_param_groups or ()
 
     def _stepped_by_a_wrapper(self) -> bool:
         managed = {id(p) for p in self.managed_params()}
         return any(id(p) not in managed for g in self.param_groups for p in g["params"])
 
-    def managed_params(self) -> list[Tensor]:
-        """The parameters this optimizer was built with (the model's, also under DeepSpeed)."""
-        return [p for group in self._model_param_groups for p in group]
-
-    @torch.no_grad()
-    def move_anchor_(self, p: Tensor, value: Tensor) -> Tensor | None:
-        """Loading weights into ``p``: the anchor becomes ``value``; returns what ``p`` must hold.
-
-        None if ``p`` carries no displacement (then ``value`` is simply loaded).
-        """
-        state = self.state.get(p)
-        if not state or not ("anchor" in state or "extrapolated" in state):
-            return None
-        new_point = self.set_anchor_(p, value)
-        return new_point if "anchor" in state else value
-
-    def _ensure_anchor(self, p: Tensor, state: dict[str, Any]) -> Tensor:
-        anchor = state.get("anchor")
-        if anchor is None:
-            anchor = state["anchor"] = p.detach().clone(memory_format=torch.preserve_format)
-        return anchor
-
     # ------------------------------------------------------------------ local state
     @torch.no_grad()
-    def reset_local_state(self) -> None:
+    def reset_local_state(self, *, warn: bool = True) -> None:
         """Forget this rank's local extrapolation state: x̃ = x, local moments and generators anew.
 
-        Use after loading a checkpoint saved with another number of processes.
+        Works in either mode. Use after loading a checkpoint saved with another number of
+        processes; K is resolved again at the next step.
         """
-        warnings.warn(
-            "extrap_accel: resetting the local extrapolation state (d = 0, local moments and "
-            "noise generators restarted); K is resolved again at the next step.",
-            stacklevel=2,
-        )
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                if "anchor" in state:
-                    p.copy_(state["anchor"])
-                for key in self._local_state_keys:
-                    state.pop(key, None)
+        if warn:
+            warnings.warn(
+                "extrap_accel: resetting the local extrapolation state (d = 0, local moments and "
+                "noise generators restarted); K is resolved again at the next step.",
+                stacklevel=2,
+            )
+        self.core.restart(self._local_state_keys)
         self._world_size = None
         self._checkpoint_world_size = None
-        self._local_state_missing = None
         self._rank = None
         self._generators.clear()
         self._pending_generator_states.clear()
-
-    def _local_grad(self, p: Tensor) -> Tensor:
-        if self._capture.active:
-            g = self._capture.get(p)
-            if g is not None:
-                return g
-        return self._averaged_grad(p)
-
-    def _averaged_grad(self, p: Tensor) -> Tensor:
-        """The averaged gradient before any base-update-only rescaling (LARS)."""
-        if self._unscaled_grads is not None and p in self._unscaled_grads:
-            return self._unscaled_grads[p]
-        return p.grad
 
     def local_grad(self, p: Tensor) -> Tensor | None:
         """This rank's local gradient gᵏ of ``p`` as the next step will use it.
@@ -318,140 +360,54 @@ class ExtrapOptimizer(Optimizer):
         Under data parallelism: the captured pre-all-reduce gradient (still multiplied by the
         fp16 loss scale before ``step``); with one process: ``p.grad``.
         """
-        return self._local_grad(p)
+        if self._capture.active:
+            g = self._capture.get(p)
+            if g is not None:
+                return g
+        return self._averaged_grad(p)
+
+    def _averaged_grad(self, p: Tensor) -> Tensor | None:
+        """The averaged gradient before any base-update-only rescaling (LARS)."""
+        if self._direction_grads is not None and p in self._direction_grads:
+            return self._direction_grads[p]
+        return p.grad
+
+    @contextlib.contextmanager
+    def direction_grads(self, grads: dict[Tensor, Tensor]) -> Iterator[None]:
+        """Inside the block the local direction reads ``grads[p]`` where it would read
+        ``p.grad`` (one process): a wrapper that rescales ``.grad`` for the base update only
+        (LARS) keeps the direction on the true gradient."""
+        self._direction_grads = grads
+        try:
+            yield
+        finally:
+            self._direction_grads = None
 
     @property
     def captures_local_grads(self) -> bool:
         """True once a backward ran under a process group of more than one rank."""
         return bool(self._capture.active)
 
-    def _begin_step(self) -> bool:
-        """Checks and bookkeeping shared by every step(); False: skip this step entirely."""
-        if not self.base_update_only and self._stepped_by_a_wrapper():
-            if all(p.grad is None or not p.grad.any() for g in self.param_groups
-                   for p in g["params"]):  # fmt: skip
-                # DeepSpeed's ZeRO-0 mixed-precision wrapper steps its fp32 copies once with
-                # zero gradients while it is being built: that is not a training step.
-                return False
-            raise RuntimeError(
-                "this optimizer is being stepped on tensors that are not the model's "
-                "parameters (DeepSpeed's fp32 copies): call extrap_accel.attach(engine, "
-                "optimizer) after deepspeed.initialize, or use extrap_accel.prepare / "
-                "extrap_accel.integrations.deepspeed.initialize; with the Hugging Face "
-                "Trainer, extrap_accel.attach(trainer) before trainer.train()"
-            )
-        self._check_train_mode()
-        if self._world_size is None and not self.attached:  # the first step (of this run)
-            _refuse_an_unattached_trainer()
-        self._resolve_world_size()
-        self._initial_placement_pending = self._eager_noise_placed = False
-        fresh = any(group["extrapolation"] == "fresh" for group in self.param_groups)
-        if fresh and (self._capture.active or _dist.world_size() > 1):
-            raise RuntimeError(
-                "extrapolation='fresh' is not supported under data parallelism (its extra "
-                "backward would be all-reduced); use 'past' (extrap-SGD) or run one process"
-            )
-        if not self._capture.active:
-            return True
-        if self._grad_scaler is not None:
-            inv_scale = 1.0 / self._grad_scaler.get_scale()  # the scale of this step's backward
-            grads = [
-                self._capture.get(p) for g in self.param_groups for p in g["params"]
-            ]
-            grads = [g for g in grads if g is not None]
-            if grads:
-                torch._foreach_mul_(grads, inv_scale)
-        elif _patched_by_grad_scaler(self):
-            raise RuntimeError(
-                "fp16 loss scaling is active (accelerate's GradScaler) but the extrap_accel "
-                "optimizer does not know the scale, so its local gradients would be scaled. "
-                "Use `model, optimizer, ... = extrap_accel.prepare(accelerator, model, "
-                "optimizer, ...)` or call optimizer.set_grad_scaler(accelerator.scaler)."
-            )
-        return True
-
-    def _local_clip_coef(self) -> dict[int, float | None]:
-        """Per group: the factor that clips this rank's local gradient at ``extrap_max_norm``.
-
-        The norm is the total norm of the local gradient over all of this optimizer's
-        parameters (as ``clip_grad_norm_`` over the model); each group clips at its own threshold.
-        """
-        if all(group["extrap_max_norm"] is None for group in self.param_groups):
-            return {}
-        grads = [self._local_grad(p) for p in self.managed_params()]
-        grads = [g for g in grads if g is not None]
-        if not grads:
-            return {}
-        device = grads[0].device
-        norms = [n.to(device, torch.float64) for n in torch._foreach_norm(grads, 2.0)]
-        total = float(torch.linalg.vector_norm(torch.stack(norms), 2.0))  # one host sync
-        out = {}
-        for i, group in enumerate(self.param_groups):
-            max_norm = group["extrap_max_norm"]
-            if max_norm is not None:
-                out[i] = min(1.0, float(max_norm) / (total + 1e-6))
-        return out
-
-    # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer state, with both the anchor and this rank's x̃ of every parameter.
-
-        Whatever the mode, each displaced parameter's entry has ``"anchor"`` and
-        ``"extrapolated"`` (one of them is the live parameter), so a resumed run continues
-        bit for bit even when the model weights were saved as the anchor.
-        """
-        sd = super().state_dict()
-        index = {}
-        for group, packed in zip(self.param_groups, sd["param_groups"]):
-            index.update(zip(packed["params"], group["params"]))
-        state = {}
-        for idx, entry in sd["state"].items():
-            entry = dict(entry)
-            p = index.get(idx)
-            if p is not None:
-                if "anchor" in entry and "extrapolated" not in entry:
-                    entry["extrapolated"] = p.detach()
-                elif "extrapolated" in entry and "anchor" not in entry:
-                    entry["anchor"] = p.detach()
-            state[idx] = entry
-        sd["state"] = state
-        sd["extrap"] = {
-            "format": 1,
-            "world_size": self._world_size or self._checkpoint_world_size,
-            "rank": self._rank,
-            "seed": self._seed,
-            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
-        }
-        return sd
-
-    def _param_index(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+    def local_grad_nbytes(self) -> int:
+        """Bytes held by the captured local gradients on this rank."""
+        return self._capture.nbytes()
 
     def local_state_dict(self) -> dict[str, Any]:
         """This rank's own state: its x̃, its local moments and its noise generators.
 
         Data-parallel frameworks save the optimizer from the main process only; save this on
-        every rank (``extrap_accel.prepare`` and ``attach(trainer)`` do) so that a resumed run
-        continues bit for bit on every rank.
+        every rank (``extrap_accel.prepare``, ``attach(trainer)`` and the DeepSpeed adapter do,
+        through ``extrap_accel.checkpoint``) so that a resumed run continues bit for bit.
         """
-        state = {}
-        for idx, p in enumerate(self._param_index()):
-            entry = self.state.get(p)
-            if not entry or not ("anchor" in entry or "extrapolated" in entry):
-                continue
-            keys = set(entry) - {"anchor", "extrapolated"} if self.per_rank_state else (
-                self._local_state_keys)
-            local = {k: entry[k] for k in keys if k in entry}
-            local["extrapolated"] = self.extrapolated(p)
-            if self.per_rank_state:
-                local["anchor"] = self.anchor(p)
-            state[idx] = local
+        per_rank = self._binding.per_rank_state
+        keys = None if per_rank else self._local_state_keys
         return {
-            "format": 1,
+            "format": LOCAL_STATE_FORMAT,
             "rank": self.rank,
             "world_size": self._world_size or self._checkpoint_world_size,
-            "state": state,
-            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+            "layout": self._binding.layout,
+            "state": self.core.local_entries(self.managed_params(), keys, with_anchor=per_rank),
+            "generators": self._generator_states(),
         }
 
     @torch.no_grad()
@@ -462,34 +418,61 @@ class ExtrapOptimizer(Optimizer):
                 f"this local extrapolation state belongs to rank {local.get('rank')}, not to "
                 f"rank {self.rank}: load each rank's own file"
             )
-        self._local_state_missing = None
-        params = self._param_index()
-        for idx, entry in local["state"].items():
-            p = params[int(idx)]
-            state = self.state[p]
-            for key, value in entry.items():
-                if key in ("extrapolated", "anchor"):
-                    continue
-                dtype = value.dtype if key in ("step", "extrap_step") else p.dtype
-                state[key] = value.to(device=p.device, dtype=dtype, copy=True)
-            if "anchor" in entry:  # post-local SGD: this rank's own anchor
-                anchor = entry["anchor"].to(device=p.device, dtype=p.dtype)
-                (state["anchor"] if "anchor" in state else p.data).copy_(anchor)
-            point = entry["extrapolated"].to(device=p.device, dtype=p.dtype)
-            if "anchor" in state:  # train mode: the parameter holds x̃
-                p.copy_(point)
-            elif "extrapolated" in state:
-                state["extrapolated"].copy_(point)
-            else:
-                raise ValueError(
-                    f"local state for parameter {idx} but the optimizer has no anchor for it: "
-                    "load the optimizer's state_dict first"
-                )
+        layout = local.get("layout")
+        if layout is None and "stage" in local:  # written by extrap_accel 0.1's DeepSpeed adapter
+            layout = f"deepspeed-zero{local['stage']}"
+        if layout != self._binding.layout:
+            raise ValueError(
+                f"this local extrapolation state was saved with the layout {layout or 'plain'} "
+                f"and this run has {self._binding.layout or 'plain'} (e.g. another ZeRO stage): "
+                "resume with the configuration that saved it, or call "
+                "optimizer.reset_local_state() to restart the local state"
+            )
+        self.core.load_local_entries(self.managed_params(), local["state"])
         self._checkpoint_world_size = local.get("world_size")
         self._generators.clear()
         self._pending_generator_states = {
             d: s.clone() for d, s in local.get("generators", {}).items()
         }
+
+    def stage_local_state(self, local: dict[str, Any] | None, *, restart: bool = False) -> None:
+        """Apply this rank's ``local`` state right after the next ``load_state_dict`` (for a
+        checkpoint hook that runs before the framework loads the optimizer); ``restart``:
+        restart the local state from the loaded anchor then (no rank has a file). Neither:
+        forget what was staged."""
+        self._staged_local_state = local
+        self._restart_after_load = restart
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, with both the anchor and this rank's x̃ of every parameter.
+
+        Whatever the mode, each displaced parameter's entry has ``"anchor"`` and
+        ``"extrapolated"``, both copies (a later ``train()``/``eval()`` swaps the live buffers
+        in place), so a resumed run continues bit for bit even when the model weights were
+        saved as the anchor.
+        """
+        sd = super().state_dict()
+        index = {}
+        for group, packed in zip(self.param_groups, sd["param_groups"]):
+            index.update(zip(packed["params"], group["params"]))
+        state = {}
+        for idx, entry in sd["state"].items():
+            entry = dict(entry)
+            p = index.get(idx)
+            if p is not None and (ANCHOR in entry or EXTRAPOLATED in entry):
+                entry[ANCHOR] = self._own_core.anchor(p).clone()
+                entry[EXTRAPOLATED] = self._own_core.point(p).clone()
+            state[idx] = entry
+        sd["state"] = state
+        sd["extrap"] = {
+            "format": 1,
+            "world_size": self._world_size or self._checkpoint_world_size,
+            "rank": self._rank,
+            "seed": self._seed,
+            "generators": self._generator_states(),
+        }
+        return sd
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -501,24 +484,34 @@ class ExtrapOptimizer(Optimizer):
                 f"optimizer (or is corrupt). Load it into the optimizer that saved it, e.g. "
                 f"torch.optim.SGD, or start {type(self).__name__} from fresh state."
             )
+        counters = {}
         for idx, entry in state_dict.get("state", {}).items():
-            if ("anchor" in entry) != ("extrapolated" in entry):
+            if (ANCHOR in entry) != (EXTRAPOLATED in entry):
                 raise ValueError(
                     f"corrupt {type(self).__name__} state dict: parameter {idx} has only one of "
                     "'anchor'/'extrapolated'; save it with this optimizer's state_dict()."
                 )
+            counters[idx] = {k: entry[k] for k in self._step_keys if torch.is_tensor(entry.get(k))}
         super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for idx, saved in counters.items():  # torch cast them to the parameter dtype
+            for key, value in saved.items():
+                dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else None
+                self.state[params[int(idx)]][key] = value.to("cpu", dtype, copy=True)
+        train = all(group["train_mode"] for group in self.param_groups)
         for group in self.param_groups:
-            held = "anchor" if group["train_mode"] else "extrapolated"
-            shown = "extrapolated" if group["train_mode"] else "anchor"
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and shown in state:
-                    p.copy_(state.pop(shown))
-                    state[held] = state[held].clone(memory_format=torch.preserve_format)
-        if any("anchor" in st or "extrapolated" in st for st in self.state.values()):
-            self._initial_placement_pending = False  # the checkpoint's x̃ is this run's x̃
-        self._eager_noise_placed = False
+            group["train_mode"] = train
+        core = self._own_core
+        core.training = train
+        shown, held = (EXTRAPOLATED, ANCHOR) if train else (ANCHOR, EXTRAPOLATED)
+        for p in params:
+            entry = self.state.get(p)
+            if entry and shown in entry:
+                p.copy_(entry.pop(shown))
+                entry[held] = entry[held].clone(memory_format=torch.preserve_format)
+        if self._binding.core is not None:  # the backend's core holds x̃: keep its mode
+            for group in self.param_groups:
+                group["train_mode"] = self.training
         self._world_size = None
         self._checkpoint_world_size = extra.get("world_size")
         self._rank = None
@@ -527,9 +520,12 @@ class ExtrapOptimizer(Optimizer):
         self._pending_generator_states = {
             d: s.clone() for d, s in extra.get("generators", {}).items()
         }
-        pending, self._pending_local_state = self._pending_local_state, None
-        if pending is not None:  # set by a checkpoint hook that ran before this load
-            self.load_local_state_dict(pending)
+        staged, self._staged_local_state = self._staged_local_state, None
+        if staged is not None:
+            self.load_local_state_dict(staged)
+        elif self._restart_after_load:
+            self.reset_local_state(warn=False)
+        self._restart_after_load = False
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
@@ -547,69 +543,115 @@ class ExtrapOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # (base update only: the DeepSpeed adapter clips the local direction itself, once)
-        coefs = {} if self.base_update_only else self._local_clip_coef()
+        if self._binding.base_update_only:  # the backend places x̃ (and consumes gᵏ)
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    self._base_update(group, params)
+            return loss
+        coefs = self.local_clip_coefs()
         for i, group in enumerate(self.param_groups):
             self._step_group(group, coefs.get(i, 1.0))
-        if not self.base_update_only:  # (DeepSpeed: the adapter still needs them, and resets)
-            self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
+        self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
         return loss
 
     def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
-        """The base update of one group and, unless ``base_update_only``, its next x̃."""
+        """The base update of one group and its next x̃."""
         raise NotImplementedError
 
-    def _first_noise_placement(self) -> None:
-        """Noise variants perturb from t = 0: place x̃₀ = x₀ + ξ₀ as soon as the optimizer exists.
+    def _base_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """torch's update of ``params`` in place (they are the anchors: a bound backend)."""
+        raise NotImplementedError
 
-        Under a process group the model is usually wrapped (and its weights broadcast from
-        rank 0) after the optimizer is built, so the placement waits for ``attach``/``prepare``.
+    @classmethod
+    def local_direction_(cls, group: dict[str, Any], out: Tensor, x: Tensor, gk: Tensor,
+                         state: dict, *, local_coef: float, extrap_lr: float) -> None:  # fmt: skip
+        """out = x − γ̃·d for one tensor of the `past` direction, from its local gradient and
+        local ``state`` (backends that place x̃ themselves)."""
+        raise NotImplementedError
+
+    def place_next_(self, group: dict[str, Any], params: list[Tensor], *, outs: list[Tensor],
+                    anchors: list[Tensor], local_grads: list[Tensor | None],
+                    states: list[dict], lr: float | None = None,
+                    local_coef: float = 1.0, generator=None) -> None:  # fmt: skip
+        """x̃ for the next iteration of ``params`` (one group) into ``outs``, for a backend that
+        places x̃ itself: the direction of the group's variant (``directions.place_direction_``)
+        from ``anchors``, this rank's ``local_grads`` and local ``states``."""
+        place_direction_(
+            group["extrapolation"], outs=outs, anchors=anchors, local_grads=local_grads,
+            averaged=[self._averaged_grad(p) for p in params], states=states, group=group,
+            extrap_lr=self.extrap_lr(group, lr), local_coef=local_coef,
+            local_direction=self.local_direction_, generator=generator or self.generator,
+        )  # fmt: skip
+
+    def _begin_step(self) -> bool:
+        """Checks and bookkeeping shared by every step(); False: skip this step entirely."""
+        base_only = self._binding.base_update_only
+        if not base_only and self._stepped_by_a_wrapper():
+            if all(p.grad is None or not p.grad.any() for g in self.param_groups
+                   for p in g["params"]):  # fmt: skip
+                # DeepSpeed's ZeRO-0 mixed-precision wrapper steps its fp32 copies once with
+                # zero gradients while it is being built: that is not a training step.
+                return False
+            raise RuntimeError(
+                "this optimizer is being stepped on tensors that are not the model's "
+                "parameters (DeepSpeed's fp32 copies): call extrap_accel.attach(engine, "
+                "optimizer) after deepspeed.initialize, or use extrap_accel.prepare / "
+                "extrap_accel.integrations.deepspeed.initialize; with the Hugging Face "
+                "Trainer, extrap_accel.attach(trainer) before trainer.train()"
+            )
+        self._check_train_mode()
+        if self._world_size is None and not self._binding.attached:  # the first step (of this run)
+            _refuse_an_unattached_trainer()
+        self.resolve_world_size()
+        fresh = any(group["extrapolation"] == "fresh" for group in self.param_groups)
+        if fresh and (self._capture.active or _dist.world_size() > 1):
+            raise RuntimeError(
+                "extrapolation='fresh' is not supported under data parallelism (its extra "
+                "backward would be all-reduced); use 'past' (extrap-SGD) or run one process"
+            )
+        if not self._capture.active or base_only:
+            return True
+        if self._grad_scaler is not None:
+            inv_scale = 1.0 / self._grad_scaler.get_scale()  # the scale of this step's backward
+            grads = [g for p in self.managed_params() if (g := self._capture.get(p)) is not None]
+            if grads:
+                torch._foreach_mul_(grads, inv_scale)
+        elif _patched_by_grad_scaler(self):
+            raise RuntimeError(
+                "fp16 loss scaling is active (accelerate's GradScaler) but the extrap_accel "
+                "optimizer does not know the scale, so its local gradients would be scaled. "
+                "Use `model, optimizer, ... = extrap_accel.prepare(accelerator, model, "
+                "optimizer, ...)` or call optimizer.set_grad_scaler(accelerator.scaler)."
+            )
+        return True
+
+    def local_clip_coefs(self) -> dict[int, float]:
+        """Per group: the factor that clips this rank's local gradient at ``extrap_max_norm``.
+
+        The norm is the total norm of the local gradient over all of this optimizer's
+        parameters (as ``clip_grad_norm_`` over the model); each group clips at its own threshold.
         """
-        if not any(g["extrapolation"] in NOISE_EXTRAPOLATIONS for g in self.param_groups):
-            return
-        if _dist.is_initialized():
-            self._initial_placement_pending = True
-            return
-        self.place_initial_noise()
-        self._eager_noise_placed = True
-
-    @torch.no_grad()
-    def place_initial_noise(self) -> None:
-        """x̃₀ = x₀ + ξ₀ for the noise variants, from the current parameters as x₀."""
-        from .directions import place_noise_
-
-        self._initial_placement_pending = False
-        for group in self.param_groups:
-            if group["extrapolation"] in NOISE_EXTRAPOLATIONS:
-                params = [p for p in group["params"] if p.numel() > 0 and p.requires_grad]
-                anchors = [self._ensure_anchor(p, self.state[p]) for p in params]
-                place_noise_(params, anchors, group=group, generator=self._generator)
-
-    @torch.no_grad()
-    def _take_back_eager_noise(self) -> dict[Tensor, Tensor]:
-        """An x̃₀ placed at construction, before the process group existed, holds rank 0's
-        noise on every rank around each rank's own x₀, while the wrapper (DDP, DeepSpeed) has
-        since made rank 0's weights everyone's. Returns x₀ from rank 0 for each displaced
-        parameter (one broadcast each, at setup) and forgets those anchors and the generators
-        seeded for rank 0; the caller puts x₀ back, and x̃₀ is placed again (pending)."""
-        if not (self._eager_noise_placed and _dist.is_initialized()):
+        if all(group["extrap_max_norm"] is None for group in self.param_groups):
             return {}
-        self._eager_noise_placed = False
-        self._generators.clear()
-        x0 = {}
-        for p in self.managed_params():
-            state = self.state.get(p)
-            if not state or "anchor" not in state:
-                continue
-            anchor = state.pop("anchor").to(p.device)
-            state.pop("extrapolated", None)
-            torch.distributed.broadcast(anchor, src=0)
-            x0[p] = anchor
-        self._initial_placement_pending = True
-        return x0
+        grads = [self.local_grad(p) for p in self.managed_params()]
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return {}
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("extrap_max_norm does not support sparse gradients: remove it")
+        device = grads[0].device
+        norms = [n.to(device, torch.float64) for n in torch._foreach_norm(grads, 2.0)]
+        total = float(torch.linalg.vector_norm(torch.stack(norms), 2.0))  # one host sync
+        out = {}
+        for i, group in enumerate(self.param_groups):
+            max_norm = group["extrap_max_norm"]
+            if max_norm is not None:
+                out[i] = min(1.0, float(max_norm) / (total + 1e-6))
+        return out
 
     def _warn_stochastic_k1(self) -> None:
-        if not self._warned_k1_stochastic and self._resolve_world_size() == 1:
+        if not self._warned_k1_stochastic and self.resolve_world_size() == 1:
             self._warned_k1_stochastic = True
             warnings.warn(
                 "extrapolation='stochastic' with one worker (K = 1): ξ = −γ̃(gᵏ − g) is 0, so this "
@@ -619,6 +661,18 @@ class ExtrapOptimizer(Optimizer):
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
         return [p for p in group["params"] if p.grad is not None]
+
+    def _place_variant(self, group: dict[str, Any], params: list[Tensor],
+                       anchors: list[Tensor], local_grads: list[Tensor]) -> None:  # fmt: skip
+        """After the base update: x̃ of a variant other than `past` into the parameters."""
+        variant = group["extrapolation"]
+        if variant == "fresh":  # placed at the next step, from the closure at the anchor
+            torch._foreach_copy_([p.data for p in params], anchors)
+            return
+        if variant == "stochastic":
+            self._warn_stochastic_k1()
+        self.place_next_(group, params, outs=[p.data for p in params], anchors=anchors,
+                         local_grads=local_grads, states=[{} for _ in params])  # fmt: skip
 
     def _fresh_pass(self, closure) -> None:
         """`fresh`: evaluate ∇f at the anchor with the closure and move its groups to x̃ = x − γ̃∇f."""
@@ -633,44 +687,37 @@ class ExtrapOptimizer(Optimizer):
         for group in self.param_groups:
             if group["extrapolation"] != "fresh":
                 continue
-            gamma = self._extrap_lr(group)
+            gamma = self.extrap_lr(group)
             for p in self._params_with_grad(group):
-                anchor = self._ensure_anchor(p, self.state[p])
-                torch.add(anchor, self._local_grad(p), alpha=-gamma, out=p.data)
-
-
-def _swap_(p: Tensor, buf: Tensor) -> None:
-    """Exchange the values of parameter ``p`` and buffer ``buf`` in place."""
-    tmp = p.detach().clone()
-    p.detach().copy_(buf)
-    buf.copy_(tmp)
+                anchor = self.core.ensure_anchor(p)
+                torch.add(anchor, self.local_grad(p), alpha=-gamma, out=p.data)
 
 
 def check_param_group_options(
-    defaults: dict[str, Any], *, supports: Iterable[str] = EXTRAPOLATIONS
+    group: dict[str, Any], *, supports: tuple[str, ...] = EXTRAPOLATIONS
 ) -> None:
-    """Validate the extrapolation options shared by every optimizer here."""
-    lr = defaults["lr"]
-    if not (isinstance(lr, (int, float)) and lr >= 0):
+    """Validate the options shared by every optimizer here (constructor and add_param_group)."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) or not (isinstance(lr, (int, float)) and lr >= 0):
         raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
-    if defaults["weight_decay"] < 0:
-        raise ValueError(f"Invalid weight_decay value: {defaults['weight_decay']} (must be >= 0)")
-    extrapolation = defaults["extrapolation"]
+    if group["weight_decay"] < 0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (must be >= 0)")
+    extrapolation = group["extrapolation"]
     if extrapolation not in supports:
         raise ValueError(
             f"unknown extrapolation={extrapolation!r}; choose one of {', '.join(supports)}"
         )
-    if defaults["extrap_scale"] < 0:
-        raise ValueError(f"Invalid extrap_scale: {defaults['extrap_scale']} (must be >= 0)")
-    if defaults["extrap_lr"] is not None:
-        if defaults["extrap_lr"] < 0:
-            raise ValueError(f"Invalid extrap_lr: {defaults['extrap_lr']} (must be >= 0 or None)")
-        if defaults["extrap_scale"] != 1.0:
+    if group["extrap_scale"] < 0:
+        raise ValueError(f"Invalid extrap_scale: {group['extrap_scale']} (must be >= 0)")
+    if group["extrap_lr"] is not None:
+        if group["extrap_lr"] < 0:
+            raise ValueError(f"Invalid extrap_lr: {group['extrap_lr']} (must be >= 0 or None)")
+        if group["extrap_scale"] != 1.0:
             raise ValueError(
                 "give either extrap_lr (an absolute γ̃) or extrap_scale (γ̃ = extrap_scale·lr/K), "
                 "not both"
             )
-    max_norm = defaults["extrap_max_norm"]
+    max_norm = group["extrap_max_norm"]
     if max_norm is not None:
         if not max_norm > 0:
             raise ValueError(f"Invalid extrap_max_norm: {max_norm} (must be > 0 or None)")
@@ -679,7 +726,7 @@ def check_param_group_options(
                 f"extrap_max_norm clips the local gradient of the 'past' direction; it has no "
                 f"effect with extrapolation={extrapolation!r}: remove it"
             )
-    noise_scale = defaults.get("noise_scale")
+    noise_scale = group.get("noise_scale")
     if extrapolation in NOISE_EXTRAPOLATIONS:
         if noise_scale is None or not noise_scale > 0:
             raise ValueError(
@@ -692,7 +739,7 @@ def check_param_group_options(
             f"noise_scale only applies to extrapolation='gaussian' or 'uniform', not "
             f"{extrapolation!r}: remove it"
         )
-    if defaults.get("filterwise") and extrapolation not in NOISE_EXTRAPOLATIONS:
+    if group.get("filterwise") and extrapolation not in NOISE_EXTRAPOLATIONS:
         raise ValueError(
             f"filterwise=True scales gaussian/uniform noise per filter; it does not apply to "
             f"extrapolation={extrapolation!r}"

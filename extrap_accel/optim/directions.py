@@ -1,7 +1,8 @@
 """The extrapolation displacements ξ of the unified framework, as functions over tensor lists.
 
-Each writes x̃ = x + ξ into ``params`` from the anchors; none touches the anchors.
-The `past` direction lives in the optimizers' kernels (it needs their local moments).
+Each writes x̃ = x + ξ into its outputs from the anchors; none touches the anchors.
+:func:`place_direction_` chooses the function for a variant, for every backend that places x̃
+(the optimizers' own step fuses the `past` direction into its kernels, for speed).
 """
 
 from __future__ import annotations
@@ -12,6 +13,40 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+EXTRAPOLATIONS = ("past", "gaussian", "uniform", "stochastic", "fresh")
+NOISE_EXTRAPOLATIONS = ("gaussian", "uniform")
+
+
+def place_direction_(
+    variant: str,
+    *,
+    outs: list[Tensor],
+    anchors: list[Tensor],
+    local_grads: list[Tensor | None],
+    averaged: list[Tensor | None],
+    states: list[dict],
+    group: dict[str, Any],
+    extrap_lr: float,
+    local_coef: float,
+    local_direction: Callable[..., None],
+    generator: Callable[[torch.device], torch.Generator],
+) -> None:
+    """x̃ for the next iteration into ``outs``, for the group's ``variant``.
+
+    `past`: x − γ̃·d from this rank's local gradient and local ``states`` through the
+    optimizer's ``local_direction`` (SGD or Adam); `stochastic`: x − γ̃·(gᵏ − g); `gaussian` /
+    `uniform`: x + ξ from this rank's ``generator``. `fresh` places at the step (closure).
+    """
+    if variant == "past":
+        for out, x, gk, state in zip(outs, anchors, local_grads, states):
+            local_direction(group, out, x, gk, state, local_coef=local_coef, extrap_lr=extrap_lr)
+    elif variant == "stochastic":
+        place_stochastic_(outs, anchors, local_grads, averaged, extrap_lr=extrap_lr)
+    elif variant in NOISE_EXTRAPOLATIONS:
+        place_noise_(outs, anchors, group=group, generator=generator)
+    else:
+        raise ValueError(f"no direction to place for extrapolation={variant!r}")
 
 
 def place_noise_(
@@ -50,7 +85,7 @@ def place_noise_(
             noise.reshape(xs.shape[0], -1).mul_(s.unsqueeze(1))
         else:
             noise.mul_(scale)
-        p.copy_(noise.add_(xs))
+        p.copy_(noise.add_(xs))  # (rounded once to p's dtype)
 
 
 def place_stochastic_(
@@ -64,4 +99,4 @@ def place_stochastic_(
     """x̃ᵏ = x − γ̃·(gᵏ − g): zero-mean across workers, shaped like the gradient noise."""
     for p, x, gk, g in zip(params, anchors, local_grads, grads):
         diff = gk - g  # exactly 0 when gᵏ is g (one process)
-        torch.add(x, diff, alpha=-extrap_lr, out=p.data)
+        torch.add(x, diff, alpha=-extrap_lr, out=p)

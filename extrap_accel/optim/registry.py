@@ -1,4 +1,9 @@
-"""A registry of optimizers: variants are entries that bind defaults, not subclasses."""
+"""A registry of optimizers: variants are entries that bind defaults, not subclasses.
+
+Each entry carries what it can do (timm-style info records): its family, whether its step needs
+a closure, whether it draws noise, and on which backends it is correct. Everything that asks
+"can this run here" (the DeepSpeed adapter, the Trainer, the recipes, the tests) reads these.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,56 @@ from .sgd import ExtrapSGD
 
 
 @dataclass(frozen=True)
+class VariantInfo:
+    """What an extrapolation variant needs and where it is correct.
+
+    ``deepspeed``: the ZeRO configurations where it is correct: "zero0".."zero3", or
+    "zero0-fp32" (ZeRO-0 without bf16/fp16, where DeepSpeed steps the module itself and
+    ``.grad`` holds the whole averaged gradient).
+    """
+
+    name: str
+    needs_closure: bool = False
+    noise: bool = False
+    ddp: bool = True
+    deepspeed: tuple[str, ...] = ("zero0", "zero1", "zero2", "zero3")
+    why_not: str = ""  # shown when a backend refuses it
+
+
+VARIANTS = {v.name: v for v in (
+    VariantInfo("past"),
+    VariantInfo("gaussian", noise=True),
+    VariantInfo("uniform", noise=True),
+    VariantInfo("filterwise", noise=True, deepspeed=("zero0", "zero1", "zero2"),
+                why_not="filter norms need whole tensors, which ZeRO-3 shards"),
+    VariantInfo("stochastic", deepspeed=("zero0-fp32",),
+                why_not="it needs the whole averaged gradient in .grad, which DeepSpeed leaves "
+                        "there only at ZeRO-0 in fp32"),
+    VariantInfo("fresh", needs_closure=True, ddp=False, deepspeed=(),
+                why_not="its second backward would run the data-parallel reduction"),
+)}  # fmt: skip
+
+
+def variant_info(extrapolation: str = "past", filterwise: bool = False) -> VariantInfo:
+    """The capabilities of a param group's variant (``extrapolation``, ``filterwise``)."""
+    return VARIANTS["filterwise" if filterwise else extrapolation]
+
+
+def check_deepspeed_variant(info: VariantInfo, stage: int, direct: bool) -> None:
+    """Refuse ``info`` at a ZeRO stage where it cannot be correct. ``direct``: ZeRO-0 in fp32."""
+    if f"zero{stage}" in info.deepspeed or (direct and "zero0-fp32" in info.deepspeed):
+        return
+    allowed = ", ".join(info.deepspeed) or "none"
+    raise NotImplementedError(
+        f"extrapolation={info.name!r} is not correct at DeepSpeed ZeRO stage {stage}"
+        f"{' with bf16/fp16' if stage == 0 else ''} ({info.why_not}; supported: {allowed}); "
+        "use extrapolation='past' or change the stage"
+    )
+
+
+@dataclass(frozen=True)
 class OptimizerInfo:
-    """One registry entry: the class it builds and the defaults it binds."""
+    """One registry entry: the class it builds, the defaults it binds, what it can do."""
 
     name: str
     cls: type[torch.optim.Optimizer]
@@ -21,6 +74,19 @@ class OptimizerInfo:
     required: tuple[str, ...] = ()  # kwargs the user must give (no sensible default)
     extrapolates: bool = True
     description: str = ""
+    family: str = "sgd"  # "sgd" or "adam": which hyperparameters it takes
+
+    @property
+    def variant(self) -> VariantInfo | None:
+        """The extrapolation variant's capabilities (None for the baselines)."""
+        if not self.extrapolates:
+            return None
+        return variant_info(self.defaults.get("extrapolation", "past"),
+                            bool(self.defaults.get("filterwise")))  # fmt: skip
+
+    @property
+    def needs_closure(self) -> bool:
+        return self.variant is not None and self.variant.needs_closure
 
 
 _REGISTRY: dict[str, OptimizerInfo] = {}
@@ -64,7 +130,7 @@ _NOISE = "noise_scale: σ (gaussian) or half-width (uniform) per coordinate"
 for _info in (
     OptimizerInfo("sgd", torch.optim.SGD, extrapolates=False,
                   description="torch.optim.SGD, the mini-batch baseline"),
-    OptimizerInfo("adamw", torch.optim.AdamW, extrapolates=False,
+    OptimizerInfo("adamw", torch.optim.AdamW, extrapolates=False, family="adam",
                   description="torch.optim.AdamW, the Adam baseline"),
     OptimizerInfo("extrap_sgd", ExtrapSGD, description="extrap-SGD (Algorithm 1)"),
     OptimizerInfo("extrap_sgd_gaussian", ExtrapSGD, {"extrapolation": "gaussian"},
@@ -78,6 +144,7 @@ for _info in (
                   description="ξ = −γ̃(gᵏ − g), needs data parallelism"),
     OptimizerInfo("extrap_sgd_fresh", ExtrapSGD, {"extrapolation": "fresh"},
                   description="extragradient: step(closure) with an extra forward/backward"),
-    OptimizerInfo("extrap_adam", ExtrapAdam, description="extrap-Adam (Algorithm 3)"),
+    OptimizerInfo("extrap_adam", ExtrapAdam, family="adam",
+                  description="extrap-Adam (Algorithm 3)"),
 ):  # fmt: skip
     register_optimizer(_info)

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import EXTRAPOLATIONS, NOISE_EXTRAPOLATIONS, ExtrapOptimizer, check_param_group_options
-from .directions import place_noise_, place_stochastic_
+from .base import ExtrapOptimizer
 
 __all__ = ["ExtrapSGD", "extrap_sgd"]
 
@@ -70,12 +69,6 @@ class ExtrapSGD(ExtrapOptimizer):
         world_size: int | None = None,
         foreach: bool | None = None,
     ):
-        if momentum < 0:
-            raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
-        if extrap_momentum is not None and extrap_momentum < 0:
-            raise ValueError(f"Invalid extrap_momentum value: {extrap_momentum} (must be >= 0)")
-        if nesterov and momentum <= 0:
-            raise ValueError("Nesterov momentum requires momentum > 0 (dampening is always 0)")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -90,34 +83,35 @@ class ExtrapSGD(ExtrapOptimizer):
             filterwise=filterwise,
             foreach=foreach,
         )
-        check_param_group_options(defaults, supports=EXTRAPOLATIONS)
         super().__init__(params, defaults, seed=seed, world_size=world_size)
-        for group in self.param_groups:
-            if group is not self.defaults:
-                check_param_group_options(group, supports=EXTRAPOLATIONS)
-        self._first_noise_placement()
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        momentum, extrap_momentum = group["momentum"], group["extrap_momentum"]
+        if momentum < 0:
+            raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
+        if extrap_momentum is not None and extrap_momentum < 0:
+            raise ValueError(f"Invalid extrap_momentum value: {extrap_momentum} (must be >= 0)")
+        if group["nesterov"] and momentum <= 0:
+            raise ValueError("Nesterov momentum requires momentum > 0 (dampening is always 0)")
+        super()._check_group(group)
 
     def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
         params = self._params_with_grad(group)
         if not params:
             return
-        if self.base_update_only:
-            return self._base_update(group, params)
         variant = group["extrapolation"]
-        if variant == "stochastic":
-            self._warn_stochastic_k1()
         anchors, grads, local_grads, bufs, extrap_bufs = [], [], [], [], []
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("ExtrapSGD does not support sparse gradients")
             state = self.state[p]
-            anchors.append(self._ensure_anchor(p, state))
+            anchors.append(self.core.ensure_anchor(p))
             grads.append(p.grad)
-            local_grads.append(self._local_grad(p))
+            local_grads.append(self.local_grad(p))
             bufs.append(state.get("momentum_buffer"))
             extrap_bufs.append(state.get("extrap_momentum_buffer"))
         lr = float(group["lr"])
-        gamma = self._extrap_lr(group, lr)
+        gamma = self.extrap_lr(group, lr)
         extrap_momentum = group["extrap_momentum"]
         if extrap_momentum is None:
             extrap_momentum = group["momentum"]
@@ -143,14 +137,8 @@ class ExtrapSGD(ExtrapOptimizer):
                 self.state[p]["momentum_buffer"] = buf
             if extrap_buf is not None:
                 self.state[p]["extrap_momentum_buffer"] = extrap_buf
-        if variant == "stochastic":
-            averaged = [self._averaged_grad(p) for p in params]
-            place_stochastic_(params, anchors, local_grads, averaged, extrap_lr=gamma)
-        elif variant in NOISE_EXTRAPOLATIONS:
-            place_noise_(params, anchors, group=group, generator=self._generator)
-        elif variant == "fresh":
-            torch._foreach_copy_([p.data for p in params], anchors)
-
+        if variant != "past":
+            self._place_variant(group, params, anchors, local_grads)
 
     def _base_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """torch.optim.SGD's update of ``params`` in place (they are the anchors: DeepSpeed)."""
@@ -167,9 +155,10 @@ class ExtrapSGD(ExtrapOptimizer):
             if buf is not None:
                 self.state[p]["momentum_buffer"] = buf
 
-    def _extrapolate_into(self, group, out: Tensor, x: Tensor, gk: Tensor, state: dict,
-                          *, local_coef: float, extrap_lr: float) -> None:  # fmt: skip
-        """out = x − γ̃·d for one tensor from its local gradient and local ``state`` (adapters)."""
+    @classmethod
+    def local_direction_(cls, group, out: Tensor, x: Tensor, gk: Tensor, state: dict,
+                         *, local_coef: float, extrap_lr: float) -> None:  # fmt: skip
+        """out = x − γ̃·d for one tensor from its local gradient and local ``state``."""
         momentum = group["extrap_momentum"]
         if momentum is None:
             momentum = group["momentum"]

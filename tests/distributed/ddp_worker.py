@@ -240,7 +240,7 @@ def check_resume(accelerator, results, tmp, variant_kwargs=None, key="resume"):
     results[key] = {
         "bit_identical": all(torch.equal(a, b) for e, g in zip(expected, got)
                              for a, b in zip(e, g)),
-        "local_file": os.path.exists(os.path.join(ckpt, f"extrap_accel_local_0_rank{rank}.pt")),
+        "local_file": os.path.exists(os.path.join(ckpt, f"extrap_accel_rank{rank}.pt")),
         "optimizer_file_world_size": torch.load(os.path.join(ckpt, "optimizer.bin"),
                                                 weights_only=True)["extrap"]["world_size"],
     }
@@ -249,40 +249,49 @@ def check_resume(accelerator, results, tmp, variant_kwargs=None, key="resume"):
 
 
 def check_missing_local_files(ckpt, kwargs, rank):
-    """A checkpoint whose per-rank files were not copied: the first step raises on the ranks
-    without one (naming the file), instead of continuing them from rank 0's x̃; after
-    reset_local_state() training goes on from the anchor. (Both files removed here, so that
-    both ranks raise at the same step.)"""
+    """The per-rank file policy (extrap_accel.checkpoint), decided alike on every rank:
+    no rank has its file -> a warning, and every rank restarts its local state from the loaded
+    anchor; only rank 1's file missing -> the same error on every rank at load_state."""
     import shutil
+    import warnings
 
     from accelerate import Accelerator
 
-    copy = ckpt + "_copy"
-    if rank == 0:
-        shutil.rmtree(copy, ignore_errors=True)  # a retried launch reuses it
-        shutil.copytree(ckpt, copy)
-        for r in (0, 1):
-            os.remove(os.path.join(copy, f"extrap_accel_local_0_rank{r}.pt"))
-    dist.barrier()
-    acc = Accelerator(cpu=True)
-    model = make_model(seed=123)
-    opt = extrap_accel.ExtrapSGD(model.parameters(), **kwargs)
-    model, opt = extrap_accel.prepare(acc, model, opt)
-    acc.load_state(copy)
-    x, y = batch(rank, 3)
-    acc.backward(loss_fn(model, x, y))
-    try:
-        opt.step()
+    out = {}
+    for case, removed in (("no_files", (0, 1)), ("rank1_missing", (1,))):
+        copy = f"{ckpt}_copy_{case}"
+        if rank == 0:
+            shutil.rmtree(copy, ignore_errors=True)  # a retried launch reuses it
+            shutil.copytree(ckpt, copy)
+            for r in removed:
+                os.remove(os.path.join(copy, f"extrap_accel_rank{r}.pt"))
+        dist.barrier()
+        acc = Accelerator(cpu=True)
+        model = make_model(seed=123)
+        opt = extrap_accel.ExtrapSGD(model.parameters(), **kwargs)
+        model, opt = extrap_accel.prepare(acc, model, opt)
         error = ""
-    except RuntimeError as e:
-        error = str(e)
-    opt.optimizer.reset_local_state()
-    opt.step()  # the same gradients, now from the anchor
-    opt.zero_grad()
-    base = opt.optimizer
-    return {"error": error,
-            "anchors_equal_after_reset": all(torch.equal(*gather(base.anchor(p)))
-                                             for p in params_of(model))}  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                acc.load_state(copy)
+            except ValueError as e:
+                error = str(e)
+        base = opt.optimizer
+        result = {
+            "error": error,
+            "warned": any("no per-rank extrapolation state" in str(w.message) for w in caught),
+            "at_anchor": all(torch.equal(p.detach(), base.anchor(p)) for p in params_of(model)),
+        }
+        if not error:
+            x, y = batch(rank, 3)
+            acc.backward(loss_fn(model, x, y))
+            opt.step()
+            opt.zero_grad()
+            result["anchors_equal_after_step"] = all(torch.equal(*gather(base.anchor(p)))
+                                                     for p in params_of(model))  # fmt: skip
+        out[case] = result
+    return out
 
 
 def check_variants(accelerator, results):
@@ -470,7 +479,7 @@ def check_memory(accelerator, results):
             base = opt.optimizer
             state = sum(v.numel() * v.element_size() for s in base.state.values()
                         for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-            capture = base._capture.nbytes() if hasattr(base, "_capture") else 0
+            capture = base.local_grad_nbytes() if hasattr(base, "local_grad_nbytes") else 0
             nbytes[name] = (state + capture, state, capture)
         numel = sum(p.numel() for p in params_of(model))
         extra = nbytes[ours][0] - nbytes[baseline][0]

@@ -140,13 +140,11 @@ def extra_bytes_per_param(engine, opt, adapter) -> float:
     """Bytes this rank holds for extrapolation, per model parameter (not counting the base
     optimizer's own state): anchor copies, local moments and the captured local gradient."""
     numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    tensors = list(opt._capture.buffers.values())
-    if adapter.direct:
-        keys = ("anchor",) + tuple(opt._local_state_keys)
-        tensors += [s[k] for s in opt.state.values() for k in keys if k in s]
-    else:
-        tensors += [v for s in adapter.state.values() for v in s.values() if torch.is_tensor(v)]
-    return sum(t.numel() * t.element_size() for t in tensors) / numel
+    tensors = [opt.anchor(p) for p in opt.managed_params() if opt.core.is_displaced(p)]
+    tensors += [v for p in opt.managed_params() for v in adapter.local_state(p).values()
+                if torch.is_tensor(v)]  # fmt: skip
+    nbytes = sum(t.numel() * t.element_size() for t in tensors) + opt.local_grad_nbytes()
+    return nbytes / numel
 
 
 def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_at=None):
@@ -192,15 +190,15 @@ def check_extrapolation(stage, precision, threshold, results, steps=4, overflow_
         for i, p in enumerate(params):
             anchor_t = adapter.anchor(p)
             anchor = anchor_t.double()
-            g = adapter._local_slice(p, local[i]).view_as(anchor)
+            g = adapter.local_slice(p, local[i]).view_as(anchor)
             h = g + WD * anchor
             u[i] = h.clone() if u[i] is None else MOMENTUM * u[i] + h
-            expected = anchor - opt._extrap_lr(opt.param_groups[0]) * (h + MOMENTUM * u[i])
+            expected = anchor - opt.extrap_lr(opt.param_groups[0]) * (h + MOMENTUM * u[i])
             point = adapter.point(p).double()
             tol = ulp(anchor_t).double() if dtype != torch.float32 else 1e-6
             err = point - expected.to(anchor_t.dtype).double()
             own.append(float((err.abs() / tol).max()) if err.numel() else 0.0)
-            if not adapter._sharded(p):  # I4 across ranks (sharded ZeRO-3: a mixed point)
+            if not hasattr(p, "ds_tensor"):  # I4 across ranks (sharded ZeRO-3: a mixed point)
                 diff = gather(err)
                 errs.append(float(((diff[0] - diff[1]).abs() / tol).max()))
                 pts = gather(point)
@@ -384,10 +382,10 @@ def check_param_groups_and_frozen(stage, precision, threshold, results):
 
 
 def check_initial_noise(stage, precision, threshold, results):
-    """Noise variants perturb from t = 0: x̃₀ = x₀ + ξ₀ is in the weights before the first
-    forward, per rank, and the anchor (DeepSpeed's master) is rank 0's x₀ — also for an
-    optimizer built before the process group existed, which places x̃₀ at once, around each
-    rank's own x₀ (simulated here; the ranks initialize differently)."""
+    """No variant perturbs at t = 0: before the first step the weights hold rank 0's x₀ (which
+    DeepSpeed broadcast) on every rank, and the anchor is x₀ — also for an optimizer built
+    before the process group existed (simulated here; the ranks initialize differently). After
+    the first step each rank holds its own noise around the common anchor."""
     import deepspeed
 
     from extrap_accel import _dist
@@ -410,16 +408,18 @@ def check_initial_noise(stage, precision, threshold, results):
         adapter = extrap_accel.attach(engine, opt)
         params = list(engine.module.parameters())
         anchors = [fp32_anchor(p, adapter) for p in params]
+        at_t0 = all(torch.equal(adapter.point(p), adapter.anchor(p)) for p in params)
+        mine = [a.reshape(-1) for a in anchors]
+        anchor_is_x0 = all(torch.equal(a, x.to(dtype).float().view_as(a))
+                           for a, x in zip(mine, [x.reshape(-1) for x in x0]))  # fmt: skip
+        train_step(engine, rank, 0, dtype)
         points = [adapter.point(p).float() for p in params]
         displaced = [not torch.equal(pt, adapter.anchor(p).float())
-                     for pt, p in zip(points, params)]  # fmt: skip
-        mine = [a.reshape(-1) for a in anchors]
+                     for pt, p in zip(points, params) if pt.numel()]  # fmt: skip
         out[case] = {
-            "anchor_is_x0": all(torch.equal(a, x.to(dtype).float().view_as(a))
-                                for a, x in zip(mine, [x.reshape(-1) for x in x0])),
-            "displaced": all(displaced),
+            "anchor_is_x0": anchor_is_x0, "x0_at_t0": at_t0, "displaced": all(displaced),
             "ranks_differ": stage == 3 or any(not torch.equal(*gather(pt)) for pt in points),
-        }
+        }  # fmt: skip
     results["initial_noise"] = out
 
 
@@ -510,14 +510,14 @@ def check_saving_and_resume(stage, precision, threshold, results, tmp):
     engine3.load_checkpoint(ckpt, tag="t3", load_module_only=True)
     out["module_only_load_at_anchor"] = all(
         torch.equal(adapter3.point(p), adapter3.anchor(p)) for p in engine3.module.parameters())
-    # ... and the noise variants start again from x̃₀ = x₀ + ξ₀ (perturbed from t = 0)
+    # ... the noise variants too: they start again at x̃ = x (noise follows the next step)
     for flag in ("load_module_only", "load_optimizer_states"):
         engine4, _, adapter4 = build(stage, precision, threshold, seed=7,
                                      extrapolation="gaussian", noise_scale=0.05)
         engine4.load_checkpoint(ckpt, tag="t3", **{flag: flag == "load_module_only"})
         out[f"noise_after_{flag}"] = all(
-            not torch.equal(adapter4.point(p), adapter4.anchor(p))
-            for p in engine4.module.parameters() if adapter4.point(p).numel())
+            torch.equal(adapter4.point(p), adapter4.anchor(p))
+            for p in engine4.module.parameters())
     results["saving"] = out
 
 
@@ -541,7 +541,9 @@ def check_incomplete_local_state(stage, precision, threshold, ckpt) -> dict:
             for r in range(dist.get_world_size()):
                 path = os.path.join(copy, "t3", f"extrap_accel_rank{r}.pt")
                 if case == "other_world_size":
-                    torch.save(dict(torch.load(path, weights_only=True), world_size=4), path)
+                    saved = torch.load(path, weights_only=True)
+                    saved["optimizers"][0]["world_size"] = 4
+                    torch.save(saved, path)
                 elif case == "no_files" or case == "rank1_file_missing" and r == 1:
                     os.remove(path)
         dist.barrier()
@@ -555,7 +557,7 @@ def check_incomplete_local_state(stage, precision, threshold, ckpt) -> dict:
             try:
                 engine.load_checkpoint(copy, tag=tag)
                 params = list(engine.module.parameters())
-                out[case] = {"warned": any("no local extrapolation state" in str(w.message)
+                out[case] = {"warned": any("no per-rank extrapolation state" in str(w.message)
                                            for w in caught),
                              "at_anchor": all(torch.equal(adapter.point(p), adapter.anchor(p))
                                               for p in params)}  # fmt: skip

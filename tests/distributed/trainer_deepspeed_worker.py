@@ -253,7 +253,8 @@ def check_resume_refusals(tag: str, root: str, full_dir: str) -> dict:
                 for r in range(dist.get_world_size()):
                     path = os.path.join(tag_dir, f"extrap_accel_rank{r}.pt")
                     local = torch.load(path, weights_only=True)
-                    torch.save(dict(local, world_size=4), path)
+                    local["optimizers"][0]["world_size"] = 4
+                    torch.save(local, path)
         dist.barrier()
         trainer = make_trainer(tag, os.path.join(root, tag, case + "_run"))
         extrap_accel.attach(trainer)

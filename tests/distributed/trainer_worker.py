@@ -154,7 +154,7 @@ def _recorder_class():
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             """I6: the mean over ranks of this rank's gᵏ is the averaged .grad of the step."""
             opt = extrap_optimizer(self.trainer_ref[0])
-            params = [p for p in opt._param_index() if p.grad is not None]
+            params = [p for p in opt.managed_params() if p.grad is not None]
             local = torch.cat([opt.local_grad(p).reshape(-1) for p in params])
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(local)
@@ -270,12 +270,12 @@ def run_mode(mode: str, root: str) -> dict:
         folder = os.path.join(full_dir, f"checkpoint-{step}")
         live = recorder.saves[step]
         c = {"training_at_save": live["training"]}
-        local_path = os.path.join(folder, f"extrap_accel_local_0_rank{rank}.pt")
+        local_path = os.path.join(folder, f"extrap_accel_rank{rank}.pt")
         c["local_file"] = os.path.isfile(local_path)
         if c["local_file"]:
-            local = torch.load(local_path, weights_only=True)
+            local = torch.load(local_path, weights_only=True)["optimizers"][0]
             opt = extrap_optimizer(trainer)
-            index = {i: n for i, p in enumerate(opt._param_index())
+            index = {i: n for i, p in enumerate(opt.managed_params())
                      for n, q in trainer.model.named_parameters() if q is p}  # fmt: skip
             points = {index[i]: e["extrapolated"] for i, e in local["state"].items()}
             c["local_rank"] = local["rank"]
@@ -311,16 +311,15 @@ def run_mode(mode: str, root: str) -> dict:
 
 
 def resume_without_local_files(mode: str, root: str, full_dir: str) -> str:
-    """Resuming a checkpoint whose per-rank files are gone raises on every rank (no rank may
-    continue from the main process's x̃); returns the error message."""
+    """Resuming a checkpoint in which rank 1's file is gone raises on every rank (no rank may
+    continue from the main process's x̃, and none may hang); returns the error message."""
     import shutil
 
     folder = os.path.join(root, mode, "no_local_files")
     if dist.get_rank() == 0:
         shutil.rmtree(folder, ignore_errors=True)  # a retried launch reuses it
         shutil.copytree(os.path.join(full_dir, f"checkpoint-{TRAIN_MODE_CKPT}"), folder)
-        for r in range(dist.get_world_size()):
-            os.remove(os.path.join(folder, f"extrap_accel_local_0_rank{r}.pt"))
+        os.remove(os.path.join(folder, "extrap_accel_rank1.pt"))
     dist.barrier()
     resumed = make_trainer(mode, os.path.join(root, mode, "no_local_files_run"))
     extrap_accel.attach(resumed)
