@@ -76,6 +76,7 @@ class LocalGradCapture:
             self.remove()
         elif mode.always:
             self.active = True
+            self._hook_unfrozen()  # (hooks removed by an earlier one-process decision)
 
     def _decide(self) -> bool:
         if self.active is None:

@@ -52,7 +52,7 @@ def read(folder: str, rank: int, count: int = 1) -> list[dict[str, Any]] | None:
     target = path(folder, rank)
     if os.path.isfile(target):
         saved = _load(target)
-        if saved.get("format") == FORMAT:
+        if "optimizers" in saved:
             return saved["optimizers"]
         if "state" in saved:  # 0.1's DeepSpeed adapter: one optimizer's state
             return [saved]

@@ -10,6 +10,7 @@ encoder-decoder's encoder directly, past the forward hooks).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -30,17 +31,16 @@ class AttachHandle:
     def __init__(self, module: nn.Module, optimizer: ExtrapOptimizer):
         self.module = module
         self.optimizer = optimizer
-        optimizer.bind(attached=True)
+        # every parameter of the module: the optimizer may take more later (add_param_group)
         self._names: dict[Tensor, list[str]] = {}
         for name, p in module.named_parameters(remove_duplicate=False):
             self._names.setdefault(p, []).append(name)
-        managed = set(optimizer.managed_params())
-        self._names = {p: n for p, n in self._names.items() if p in managed}
-        if not self._names:
+        if not set(optimizer.managed_params()) & set(self._names):
             raise ValueError(
                 "attach(model, optimizer): none of the model's parameters is in the optimizer; "
                 "build the optimizer from model.parameters() of this model"
             )
+        optimizer.bind(attached=True)
         self._context = None
         self._depth = 0
         self._handles = [
@@ -59,14 +59,26 @@ class AttachHandle:
             module.generate = self._anchored_generate
         setattr(module, _HANDLE_ATTR, self)
 
+    def __deepcopy__(self, memo) -> AttachHandle:
+        """A deep copy of an attached module (an EMA model, say) is not attached: the copy's
+        hooks do nothing and its ``generate`` is its class's; ``attach`` it anew if needed."""
+        inert = object.__new__(AttachHandle)
+        memo[id(self)] = inert
+        inert.module = copy.deepcopy(self.module, memo)  # (the copy: already in memo)
+        inert.optimizer, inert._names, inert._handles, inert._generate = None, {}, [], None
+        inert._context, inert._depth = None, 0
+        return inert
+
+    def _active_for(self, module: nn.Module) -> bool:
+        return self.optimizer is not None and module is self.module
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._generate is not None:
-            if vars(self.module).get("generate") == self._anchored_generate:
-                del self.module.generate
-            self._generate = None
+        if vars(self.module).get("generate") == self._anchored_generate:
+            del self.module.generate
+        self._generate = None
         if getattr(self.module, _HANDLE_ATTR, None) is self:
             delattr(self.module, _HANDLE_ATTR)
 
@@ -81,6 +93,8 @@ class AttachHandle:
 
     # A forward with gradients disabled runs at the anchor; the weights go back afterwards.
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if not self._active_for(module):
+            return
         if self._context is not None:
             self._depth += 1
             return
@@ -101,6 +115,8 @@ class AttachHandle:
 
     def _anchored_generate(self, *args: Any, **kwargs: Any) -> Any:
         """``module.generate`` at the anchor (it runs without gradients), x̃ back afterwards."""
+        if self.optimizer is None:  # an inert copy
+            return type(self.module).generate(self.module, *args, **kwargs)
         if self._context is not None or not self._needs_anchor_forward():
             return self._generate(*args, **kwargs)
         context = self._context = self._anchor_forward()
@@ -113,6 +129,8 @@ class AttachHandle:
             context.__exit__(None, None, None)
 
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
+        if not self._active_for(module):  # (a deep copy shares this hook function)
+            return
         for p, anchor in self._displaced():
             for name in self._names[p]:
                 if prefix + name in state_dict:
@@ -120,6 +138,8 @@ class AttachHandle:
 
     @torch.no_grad()
     def _load_hook(self, module, state_dict, prefix, local_metadata, strict, *args) -> None:
+        if not self._active_for(module):
+            return
         if local_metadata.get("assign_to_params_buffers"):
             raise RuntimeError(
                 "load_state_dict(assign=True) replaces the parameters that the extrap_accel "
@@ -143,6 +163,9 @@ def attach_module(model: nn.Module, optimizer) -> AttachHandle:
     module = unwrap_module(model)
     opt = unwrap_optimizer(optimizer)
     existing = getattr(module, _HANDLE_ATTR, None)
+    if existing is not None and existing.optimizer is None:  # a deep copy's inert handle
+        existing.remove()
+        existing = None
     if existing is not None:
         if existing.optimizer is opt:
             return existing

@@ -385,3 +385,52 @@ def test_fused_step_and_the_shared_direction_function_agree(name):
     for i, (p, q) in enumerate(zip(a.parameters(), b.parameters())):
         torch.testing.assert_close(opt_a.anchor(p), q.detach(), rtol=0, atol=1e-6)
         torch.testing.assert_close(p.detach(), workers.points[0][i], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------- found by the review of 0.2
+def test_inside_at_anchor_the_state_dicts_still_hold_x_tilde_and_mode_changes_are_refused():
+    model = _model()
+    opt = _sgd(model)
+    _steps(model, opt)
+    points = [opt.extrapolated(p).clone() for p in model.parameters()]
+    with opt.at_anchor():
+        sd, local = opt.state_dict(), opt.local_state_dict()
+        with pytest.raises(RuntimeError, match="inside at_anchor"):
+            opt.eval()
+    for i, (p, point) in enumerate(zip(model.parameters(), points)):
+        assert torch.equal(p.detach(), point)
+        assert torch.equal(sd["state"][i]["extrapolated"], point)
+        assert torch.equal(local["state"][i]["extrapolated"], point)
+        assert not torch.equal(sd["state"][i]["anchor"], point)
+
+
+def test_parameters_added_after_attach_are_saved_and_loaded_as_the_anchor():
+    model = _model()
+    opt = ExtrapSGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    extrap_accel.attach(model, opt)
+    opt.add_param_group({"params": list(model[2].parameters())})  # progressive unfreezing
+    _steps(model, opt)
+    w = model[2].weight
+    assert not torch.equal(w.detach(), opt.anchor(w))
+    assert torch.equal(model.state_dict()["2.weight"], opt.anchor(w))
+    model.load_state_dict({**model.state_dict(), "2.weight": torch.zeros_like(w)})
+    assert torch.equal(opt.anchor(w), torch.zeros_like(w))
+
+
+def test_a_deep_copy_of_an_attached_model_is_not_attached():
+    model = _model()
+    opt = _sgd(model)
+    extrap_accel.attach(model, opt)
+    _steps(model, opt)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(0.5)
+        x = torch.randn(3, 6)
+        plain = _model()
+        plain.load_state_dict({k: torch.full_like(v, 0.5) for k, v in plain.state_dict().items()})
+        assert torch.equal(ema(x), plain(x))  # its own weights, not the optimizer's anchors
+    assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in ema.state_dict().values())
+    opt2 = _sgd(ema)
+    extrap_accel.attach(ema, opt2)  # and it can be attached to an optimizer of its own
+    assert torch.equal(model.state_dict()["0.weight"], opt.anchor(model[0].weight))

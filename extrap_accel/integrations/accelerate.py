@@ -84,9 +84,12 @@ def _model_of(optimizer: ExtrapOptimizer, models: list[nn.Module]) -> nn.Module 
 
 def _register_checkpoint_hooks(accelerator, registry: list[ExtrapOptimizer]) -> None:
     def save_hook(models, weights, output_dir):
-        checkpoint.save(output_dir, registry, accelerator.process_index)
+        if registry:  # (under DeepSpeed the engine adapter saves instead)
+            checkpoint.save(output_dir, registry, accelerator.process_index)
 
     def load_hook(models, input_dir):
+        if not registry:
+            return
         # Runs on every rank before accelerate loads the optimizers: each one applies its
         # staged local state right after its load_state_dict.
         states = checkpoint.read(input_dir, accelerator.process_index, len(registry))

@@ -32,6 +32,7 @@ anchor in the weights; each rank saves its own x̃ and local state beside the ch
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Any
@@ -343,7 +344,10 @@ class DeepSpeedExtrapolation:
     def _save_checkpoint(self, original, save_dir, tag=None, *args, **kwargs):
         if tag is None:
             tag = f"global_step{self.engine.global_steps}"
-        with self.core.at_anchor():  # (direct: the module's state-dict hook substitutes it too)
+        # direct: the optimizer's state dict holds x̃ and the anchor, and the module's state-dict
+        # hook substitutes the anchor; otherwise the bit16 weights must hold the anchor
+        context = contextlib.nullcontext() if self.direct else self.core.at_anchor()
+        with context:
             out = original(save_dir, tag, *args, **kwargs)
         checkpoint.save(os.path.join(save_dir, str(tag)), [self.optimizer], self.optimizer.rank)
         return out

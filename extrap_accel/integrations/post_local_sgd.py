@@ -128,11 +128,13 @@ class PostLocalSGD:
     def _average(self) -> None:
         opt = self.optimizer
         if isinstance(opt, ExtrapOptimizer):  # the anchors, in either mode; x̃ moves with them
-            params = [p for p in opt.managed_params() if opt.core.is_displaced(p)]
+            # (every trainable parameter: the same list on every rank, displaced or not yet)
+            params = [p for p in opt.managed_params() if p.requires_grad]
             anchors = [opt.anchor(p).clone() for p in params]
             _average_in_place(anchors, self.averager.process_group)
             for p, anchor in zip(params, anchors):
-                p.data.copy_(opt.move_anchor_(p, anchor))  # x̃ = x̄ + (x̃ − x)
+                held = opt.move_anchor_(p, anchor)  # x̃ = x̄ + (x̃ − x), or x̄ if not displaced
+                p.data.copy_(anchor if held is None else held)
         else:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             _average_in_place(params, self.averager.process_group)

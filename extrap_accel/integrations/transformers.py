@@ -29,10 +29,8 @@ and 4.47.1 on one process; ``optimizer_cls_and_kwargs`` needs transformers >= 4.
   through — and every no-grad forward see the anchor. An optimizer passed with ``optimizers=``
   is attached at once. One built by the Trainer (``optimizer_cls_and_kwargs``) does not exist
   yet: it is attached in ``TrainerCallback.on_train_begin``, or, when resuming, just before the
-  checkpoint's optimizer state is loaded. Both come after the Trainer has wrapped the model
-  (DDP broadcasts rank 0's weights then), which is also when the noise variants place x̃₀ under
-  a process group; an ``optimizers=`` optimizer of a noise variant under a process group waits
-  for that point as well.
+  checkpoint's optimizer state is loaded. (No variant perturbs before the first step, so
+  nothing depends on when the Trainer broadcasts rank 0's weights.)
 - The optimizer gets ``trainer.accelerator.scaler`` (fp16 loss scaling), as with
   ``extrap_accel.prepare``.
 - ``on_step_begin`` calls the optimizer's ``zero_grad``: the Trainer only calls

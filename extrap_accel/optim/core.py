@@ -39,6 +39,7 @@ class Core:
         own: dict[Tensor, dict] = {}
         self._state = state or (lambda: own)
         self.training = True
+        self._swapped: dict[Tensor, Tensor] = {}  # x̃ re-pointed out of its slot by at_anchor
 
     @property
     def state(self) -> MutableMapping[Tensor, dict]:
@@ -68,6 +69,8 @@ class Core:
 
     def point(self, p: Tensor) -> Tensor:
         """This rank's x̃ of ``p``, in either mode (a live tensor: do not modify)."""
+        if p in self._swapped:
+            return self._swapped[p]
         entry = self._entry(p)
         return entry[EXTRAPOLATED] if entry and EXTRAPOLATED in entry else self.weight(p)
 
@@ -81,6 +84,11 @@ class Core:
         return self.training and any(e and ANCHOR in e for e in list(self.state.values()))
 
     # ---------------------------------------------------------------- writing
+    def _check_not_at_anchor(self, what: str) -> None:
+        if self._swapped:
+            raise RuntimeError(f"{what} inside at_anchor() (a no-grad forward at the anchor): "
+                               "call it outside the block")
+
     def ensure_anchor(self, p: Tensor) -> Tensor:
         """The anchor buffer of ``p`` (train mode), created from the slot if ``p`` is not
         displaced yet: whatever the slot holds then is the anchor."""
@@ -95,6 +103,7 @@ class Core:
         """Train: x̃ into the slots; eval: the anchor into the slots (exact in-place swaps)."""
         if train == self.training:
             return
+        self._check_not_at_anchor("train()/eval()")
         held, other = (EXTRAPOLATED, ANCHOR) if train else (ANCHOR, EXTRAPOLATED)
         for p, entry in list(self.state.items()):
             if entry and held in entry:
@@ -109,7 +118,7 @@ class Core:
         """The slots hold the anchor inside the block and x̃ again afterwards, even if the block
         raises. Pointer swaps where the slots allow them (no copy), else exact in-place swaps.
         For no-grad use: nothing an autograd graph saved may change."""
-        if not self.holds_points():
+        if self._swapped or not self.holds_points():  # (already at the anchor: nested)
             yield
             return
         if not self.pointer_swap:
@@ -120,14 +129,15 @@ class Core:
                 self.set_mode(True)
             return
         pairs = self.displaced()
-        saved = [(p, p.data) for p, _ in pairs]
+        self._swapped = {p: p.data for p, _ in pairs}
         for p, anchor in pairs:
             p.data = anchor
         try:
             yield
         finally:
-            for p, data in saved:
+            for p, data in self._swapped.items():
                 p.data = data
+            self._swapped = {}
 
     @torch.no_grad()
     def move_anchor_(self, p: Tensor, value: Tensor) -> Tensor | None:
@@ -138,6 +148,7 @@ class Core:
         entry = self._entry(p)
         if not entry or not (ANCHOR in entry or EXTRAPOLATED in entry):
             return None
+        self._check_not_at_anchor("loading weights")
         old_anchor, old_point = self.anchor(p), self.point(p)
         value = value.to(device=old_anchor.device, dtype=old_anchor.dtype)
         new_point = torch.where(value == old_anchor, old_point, value + (old_point - old_anchor))
@@ -150,6 +161,7 @@ class Core:
     @torch.no_grad()
     def restart(self, local_keys: Sequence[str] = ()) -> None:
         """x̃ = x on every slot and the local state forgotten (d = 0, as at t = 0)."""
+        self._check_not_at_anchor("restarting the local state")
         for p, entry in list(self.state.items()):
             if not entry:
                 continue
@@ -172,7 +184,8 @@ class Core:
             if not entry or not (ANCHOR in entry or EXTRAPOLATED in entry):
                 continue
             names = set(entry) - {ANCHOR, EXTRAPOLATED} if keys is None else keys
-            local = {k: entry[k] for k in names if k in entry}
+            local = {k: entry[k].clone() if torch.is_tensor(entry[k]) else entry[k]
+                     for k in names if k in entry}  # fmt: skip
             local[EXTRAPOLATED] = self.point(p).clone()
             if with_anchor:
                 local[ANCHOR] = self.anchor(p).clone()
@@ -183,6 +196,7 @@ class Core:
     def load_local_entries(self, params: Sequence[Tensor], entries: dict) -> None:
         """Put back what :meth:`local_entries` saved on this rank. A parameter that is not
         displaced takes what its slot holds now as the anchor (the checkpoint's weights)."""
+        self._check_not_at_anchor("loading the local state")
         for idx, saved in entries.items():
             p = params[int(idx)]
             slot = self.weight(p)
