@@ -630,6 +630,7 @@ class ExtrapOptimizer(Optimizer):
         self._check_train_mode()
         if self._world_size is None and not self._binding.attached:  # the first step (of this run)
             _refuse_an_unattached_trainer()
+            _refuse_unattached_dtensors(self)
         self.resolve_world_size()
         fresh = any(group["extrapolation"] == "fresh" for group in self.param_groups)
         if fresh and (self._capture.active or _dist.world_size() > 1):
@@ -782,6 +783,19 @@ def _patched_by_grad_scaler(optimizer: Optimizer) -> bool:
     schedulers wrap it there too (tagged ``_wrapped_by_lr_sched``), which is harmless."""
     patched = optimizer.__dict__.get("step")
     return patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False)
+
+
+def _refuse_unattached_dtensors(optimizer: Optimizer) -> None:
+    """DTensor parameters (FSDP2's shards) need the FSDP2 adapter, which places x̃ in the local
+    shards: the optimizer's own kernels cannot step DTensors."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if any(cls.__name__ == "DTensor" for cls in type(p).__mro__):
+                raise RuntimeError(
+                    "this extrap_accel optimizer holds DTensor parameters (FSDP2's fully_shard) "
+                    "but was not attached: call extrap_accel.attach(model, optimizer) with the "
+                    "fully_shard model before the first step"
+                )
 
 
 def _refuse_an_unattached_trainer() -> None:
