@@ -141,10 +141,25 @@ def test_dcp_resume_is_exact(results, check):
             assert e["adam_counters_after_3_steps"] == [3]
 
 
-def test_fresh_is_refused_at_attach(results):
+def test_loading_weights_moves_the_anchor(results):
+    """model.load_state_dict of its own state dict changes nothing (bit for bit); DCP's
+    set_model_state_dict with another model's full state dict makes it the anchor and keeps
+    each shard's x̃ − x (to fp32 rounding); a folder without per-rank files restarts x̃ = x."""
     for r in results:
-        message = r["refusals"]["fresh"]
-        assert "not supported under FSDP2" in message and "'past'" in message
+        e = r["loads"]
+        assert e["displaced"]
+        assert e["own_state_dict_changes_nothing"]
+        assert e["full_load_moves_anchor"] and e["shards_hold_points"]
+        assert e["full_load_keeps_displacement"] < 1e-6
+        assert e["decision_without_files"] == "restart" and e["restarted"]
+
+
+def test_refusals_name_the_fix(results):
+    for r in results:
+        e = r["refusals"]
+        assert "not supported under FSDP2" in e["fresh"] and "'past'" in e["fresh"]
+        assert "extrap_accel.attach(model, optimizer)" in e["unattached_step"]
+        assert "model.parameters() after fully_shard" in e["plain_params"]
 
 
 # ------------------------------------------------------------------ without a launch

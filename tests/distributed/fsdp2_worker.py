@@ -372,6 +372,42 @@ def check_resume(rank, kind, folder):
     return out
 
 
+def check_loads(rank, folder):
+    """Weights loaded into a displaced model move the anchor and keep x̃ − x: the model's own
+    state dict (sharded DTensors) changes nothing; DCP's full state dict of another model
+    becomes the anchor. A folder without per-rank files restarts x̃ = x on every rank."""
+    model = make("blocks")
+    opt = extrap_accel.ExtrapSGD(model.parameters(), **SGD)
+    adapter = extrap_accel.attach(model, opt)
+    for t in range(3):
+        train_step(model, opt, t, rank)
+    named = trainable(model)
+    before = {n: (adapter.anchor(p).clone(), adapter.point(p).clone()) for n, p in named}
+    out = {"displaced": any(not torch.equal(a, x) for a, x in before.values())}
+    model.load_state_dict(model.state_dict())
+    out["own_state_dict_changes_nothing"] = all(
+        torch.equal(adapter.anchor(p), before[n][0]) and torch.equal(adapter.point(p), before[n][1])
+        for n, p in named)  # fmt: skip
+    other = get_model_state_dict(make("blocks", seed=5),
+                                 options=StateDictOptions(full_state_dict=True))  # fmt: skip
+    want = {k: v.clone() for k, v in other.items()}  # (DCP distributes `other` in place)
+    set_model_state_dict(model, other, options=StateDictOptions(full_state_dict=True))
+    out["full_load_moves_anchor"] = all(
+        torch.equal(full(p, adapter.anchor(p)), want[n]) for n, p in named)
+    out["full_load_keeps_displacement"] = max(
+        float(((adapter.point(p) - adapter.anchor(p)) - (before[n][1] - before[n][0])).abs().max())
+        for n, p in named if adapter.point(p).numel())  # fmt: skip
+    out["shards_hold_points"] = all(torch.equal(p.to_local(), adapter.point(p)) for _, p in named)
+    os.makedirs(folder, exist_ok=True)
+    import warnings
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        out["decision_without_files"] = adapter.load_local_state(folder)
+    out["restarted"] = all(torch.equal(adapter.point(p), adapter.anchor(p)) for _, p in named)
+    return out
+
+
 def check_refusals(rank):
     """What cannot run under FSDP2 fails at attach with a message naming the fix."""
     out = {}
@@ -382,6 +418,20 @@ def check_refusals(rank):
         out["fresh"] = "accepted"
     except NotImplementedError as e:
         out["fresh"] = str(e)
+    model = make("root")
+    opt = extrap_accel.ExtrapSGD(model.parameters(), **SGD)
+    try:
+        train_step(model, opt, 0, rank)
+        out["unattached_step"] = "accepted"
+    except RuntimeError as e:
+        out["unattached_step"] = str(e)
+    torch.manual_seed(0)
+    plain = Net()
+    try:
+        extrap_accel.attach(make("root"), extrap_accel.ExtrapSGD(plain.parameters(), **SGD))
+        out["plain_params"] = "accepted"
+    except ValueError as e:
+        out["plain_params"] = str(e)
     return out
 
 
@@ -418,6 +468,7 @@ CHECKS = {
     "saves_root": lambda r, o: check_saves(r, "root"),
     "resume_sgd": lambda r, o: check_resume(r, "sgd", os.path.join(o, "ckpt_sgd")),
     "resume_adam": lambda r, o: check_resume(r, "adam", os.path.join(o, "ckpt_adam")),
+    "loads": lambda r, o: check_loads(r, os.path.join(o, "empty")),
     "refusals": lambda r, o: check_refusals(r),
 }
 
