@@ -160,6 +160,7 @@ def test_refusals_name_the_fix(results):
         assert "not supported under FSDP2" in e["fresh"] and "'past'" in e["fresh"]
         assert "extrap_accel.attach(model, optimizer)" in e["unattached_step"]
         assert "model.parameters() after fully_shard" in e["plain_params"]
+        assert e["attach_after_no_grad_forward"] == "ok"
 
 
 # ------------------------------------------------------------------ without a launch

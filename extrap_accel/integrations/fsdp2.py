@@ -76,11 +76,12 @@ def check_supported(model: nn.Module, optimizer: ExtrapOptimizer) -> None:
             )
     from torch.distributed.tensor import DTensor, Shard
 
-    for p in optimizer.managed_params():
+    for p in (p for group in optimizer.param_groups for p in group["params"]):
         if not isinstance(p, DTensor):
             raise ValueError(
                 "attach(model, optimizer) under FSDP2: the optimizer holds a parameter that is "
-                "not a DTensor; build the optimizer from model.parameters() after fully_shard"
+                "not a DTensor; build the optimizer from model.parameters() after fully_shard, "
+                "while they are sharded (model.reshard() after a forward without backward)"
             )
         if tuple(p.placements) != (Shard(0),):
             raise NotImplementedError(
@@ -201,6 +202,8 @@ class FSDP2Extrapolation:
         self._param_dtypes: dict[Tensor, torch.dtype] | None = None  # known after lazy init
         optimizer.bind(
             backend="fsdp2", core=_ShardCore(self), base_update_only=True, layout=LAYOUT,
+            # the DTensors it steps now (accelerate's prepare replaces the params it was built on)
+            model_param_groups=[tuple(g["params"]) for g in optimizer.param_groups],
             capture=CaptureMode(off=True),  # gᵏ comes from the unsharded parameters (below)
             init_step=lambda: self._init_step, bare_state_dicts=True,
         )  # fmt: skip
@@ -211,6 +214,8 @@ class FSDP2Extrapolation:
         ]
         for module in self.fsdp_modules:  # after FSDP2's own pre-forward, which unshards
             self._handles.append(module.register_forward_pre_hook(self._hook_unsharded))
+        self.reshard()  # (a no-grad forward may have left the root unsharded: the module's
+        # parameters must be the DTensors the optimizer holds when the handle reads them)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -425,6 +425,16 @@ def check_refusals(rank):
         out["unattached_step"] = "accepted"
     except RuntimeError as e:
         out["unattached_step"] = str(e)
+    model = make("root")  # a no-grad forward leaves the root unsharded; attach reshards it
+    opt = extrap_accel.ExtrapSGD(model.parameters(), **SGD)
+    with torch.no_grad():
+        model(batch(0, rank)[0])
+    try:
+        extrap_accel.attach(model, opt)
+        train_step(model, opt, 0, rank)
+        out["attach_after_no_grad_forward"] = "ok"
+    except (ValueError, RuntimeError) as e:
+        out["attach_after_no_grad_forward"] = str(e)
     torch.manual_seed(0)
     plain = Net()
     try:
