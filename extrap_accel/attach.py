@@ -32,10 +32,17 @@ def _is_deepspeed_engine(obj: Any) -> bool:
     return type(obj).__name__ in ("DeepSpeedEngine", "PipelineEngine")
 
 
+def _is_fsdp2_module(obj: Any) -> bool:
+    """A module to which ``torch.distributed.fsdp.fully_shard`` was applied."""
+    return any(cls.__name__ == "FSDPModule" and "fsdp" in cls.__module__
+               for cls in type(obj).__mro__)  # fmt: skip
+
+
 # (recognises it, "module:function" that attaches it, whether it takes an optimizer argument)
 BACKENDS: list[tuple[Callable[[Any], bool], str, bool]] = [
     (_is_hf_trainer, "extrap_accel.integrations.transformers:attach_trainer", False),
     (_is_deepspeed_engine, "extrap_accel.integrations.deepspeed:attach_engine", True),
+    (_is_fsdp2_module, "extrap_accel.integrations.fsdp2:attach_fsdp2", True),
 ]
 
 
@@ -48,7 +55,10 @@ def attach(model, optimizer=None):
     ``attach(engine, optimizer)`` with a DeepSpeed engine installs the engine adapter
     (``extrap_accel.integrations.deepspeed``); ``attach(trainer)`` with a
     ``transformers.Trainer`` (no optimizer argument) makes the Trainer save, evaluate and resume
-    correctly (``extrap_accel.integrations.transformers``).
+    correctly (``extrap_accel.integrations.transformers``); ``attach(model, optimizer)`` with
+    a model to which FSDP2's ``fully_shard`` was applied installs the FSDP2 adapter
+    (``extrap_accel.integrations.fsdp2``; it returns the adapter, whose ``save_local_state`` /
+    ``load_local_state`` carry each rank's x̃).
     """
     for recognises, target, takes_optimizer in BACKENDS:
         if not recognises(model):

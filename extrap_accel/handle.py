@@ -178,10 +178,16 @@ def attach_module(model: nn.Module, optimizer) -> AttachHandle:
 
 def unwrap_module(model: Any) -> nn.Module:
     name = type(model).__name__
-    if name in ("FullyShardedDataParallel", "FSDPModule") or name.startswith("FSDP"):
+    if name == "FullyShardedDataParallel":
         raise NotImplementedError(
-            "extrap_accel does not support FSDP yet (each rank's x̃ would be sharded across "
-            "ranks); use DDP or DeepSpeed ZeRO-0/1/2"
+            "extrap_accel does not support FSDP1 (FullyShardedDataParallel: flat parameters "
+            "lose the tensor boundaries); use FSDP2 (torch.distributed.fsdp.fully_shard) and "
+            "extrap_accel.attach(model, optimizer), DDP, or DeepSpeed"
+        )
+    if name.startswith("FSDP"):  # a fully_shard module that did not reach attach's FSDP2 entry
+        raise NotImplementedError(
+            "an FSDP2 (fully_shard) module is attached with extrap_accel.attach(model, "
+            "optimizer) on the module fully_shard returned, not through this path"
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() needs a torch.nn.Module, got {name}")

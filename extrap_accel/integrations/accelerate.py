@@ -28,7 +28,10 @@ def prepare(accelerator, *objects: Any) -> Any:
 
     if accelerator.distributed_type == DistributedType.FSDP:
         raise NotImplementedError(
-            "extrap_accel does not support FSDP yet: use DDP (MULTI_GPU) or DeepSpeed ZeRO-0/1/2"
+            "extrap_accel.prepare does not support accelerate's FSDP plugin yet: apply FSDP2 "
+            "yourself (torch.distributed.fsdp.fully_shard) and call "
+            "extrap_accel.attach(model, optimizer) with the optimizer built on its parameters; "
+            "or use DDP (MULTI_GPU) or DeepSpeed with extrap_accel.prepare"
         )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:

@@ -73,7 +73,8 @@ Not supported (``attach`` raises):
   its own (``transformers.integrations.deepspeed.deepspeed_init`` sets ``trainer.optimizer =
   None``); likewise a DeepSpeed config with an ``"optimizer"`` section, which the Trainer would
   hand to DeepSpeed instead. Both are refused with a pointer to ``optimizer_cls_and_kwargs``.
-- FSDP (each rank's x̃ would be sharded), as everywhere in extrap_accel.
+- The Trainer's FSDP (FSDP2 is supported outside the Trainer: ``attach(model, optimizer)`` on
+  a ``fully_shard`` model, ``extrap_accel.integrations.fsdp2``).
 - Any optimizer that is not an extrap_accel optimizer (TypeError), including the Trainer's
   default when neither ``optimizers`` nor ``optimizer_cls_and_kwargs`` is given.
 - ``auto_find_batch_size``: after an out-of-memory error the Trainer rebuilds the optimizer
@@ -334,8 +335,9 @@ def _check_backend(trainer) -> None:
         )
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_fsdp_xla_enabled", False):
         raise NotImplementedError(
-            "extrap_accel does not support FSDP yet (each rank's x̃ would be sharded across "
-            "ranks); use DDP"
+            "attach(trainer) does not support the Trainer's FSDP yet: use DDP or DeepSpeed with "
+            "the Trainer, or a loop of your own with FSDP2 (torch.distributed.fsdp.fully_shard) "
+            "and extrap_accel.attach(model, optimizer)"
         )
     if not _deepspeed_enabled(trainer):
         return

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +48,13 @@ class Binding:
     - ``per_rank_state``: anchors and base moments differ per rank (post-local SGD), so each
       rank's local state carries all of it.
     - ``attached``: a model is attached (``extrap_accel.attach``), so saves see the anchor.
+    - ``init_step``: answers, at the start of ``step()``, whether this step only creates the
+      optimizer state (``torch.distributed.checkpoint``'s ``_init_optim_state``: zero gradients
+      at lr 0 on an optimizer without state); such a step creates the base state as zeros and
+      changes nothing else (no weight, no counter, no x̃).
+    - ``bare_state_dicts``: the backend's checkpointing keeps only ``state`` and
+      ``param_groups`` of the state dict (DCP): ``load_state_dict`` accepts one without the
+      ``"extrap"`` entry (the generators travel in each rank's local state).
     """
 
     backend: str = "torch"
@@ -59,6 +66,8 @@ class Binding:
     capture: CaptureMode | None = None
     per_rank_state: bool = False
     attached: bool = False
+    init_step: Callable[[], bool] | None = None
+    bare_state_dicts: bool = False
 
 
 class ExtrapOptimizer(Optimizer):
@@ -478,6 +487,8 @@ class ExtrapOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("extrap", None)
+        if extra is None and self._binding.bare_state_dicts:
+            extra = {}
         if extra is None:
             raise ValueError(
                 f"this state dict has no 'extrap' entry: it was not saved by an extrap_accel "
@@ -535,6 +546,9 @@ class ExtrapOptimizer(Optimizer):
         ``closure`` (zero grads, forward, backward, return loss) is optional, and required by
         ``extrapolation="fresh"``, which calls it twice: at the anchor and at x̃.
         """
+        if self._binding.init_step is not None and self._binding.init_step():
+            self._create_base_state()
+            return None
         if not self._begin_step():
             return None
         loss = None
@@ -554,6 +568,19 @@ class ExtrapOptimizer(Optimizer):
             self._step_group(group, coefs.get(i, 1.0))
         self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
         return loss
+
+    def _create_base_state(self) -> None:
+        """Create the base state of every parameter with a gradient (a bound backend's init
+        step), all zeros: momentum buffers, moments and counters read as before any step, so
+        the first real step is exactly the one it would have been without this call."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._base_update(group, params)
+            for p in params:
+                for value in self.state[p].values():
+                    if torch.is_tensor(value):
+                        value.zero_()
 
     def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
         """The base update of one group and its next x̃."""
@@ -603,6 +630,7 @@ class ExtrapOptimizer(Optimizer):
         self._check_train_mode()
         if self._world_size is None and not self._binding.attached:  # the first step (of this run)
             _refuse_an_unattached_trainer()
+            _refuse_unattached_dtensors(self)
         self.resolve_world_size()
         fresh = any(group["extrapolation"] == "fresh" for group in self.param_groups)
         if fresh and (self._capture.active or _dist.world_size() > 1):
@@ -626,15 +654,19 @@ class ExtrapOptimizer(Optimizer):
             )
         return True
 
-    def local_clip_coefs(self) -> dict[int, float]:
+    def local_clip_coefs(self, local_grads: list[Tensor] | None = None) -> dict[int, float]:
         """Per group: the factor that clips this rank's local gradient at ``extrap_max_norm``.
 
         The norm is the total norm of the local gradient over all of this optimizer's
         parameters (as ``clip_grad_norm_`` over the model); each group clips at its own threshold.
+        ``local_grads``: this rank's whole local gradients, where a backend captures them itself
+        (FSDP2: on the unsharded parameters); default: ``local_grad`` of every parameter.
         """
         if all(group["extrap_max_norm"] is None for group in self.param_groups):
             return {}
-        grads = [self.local_grad(p) for p in self.managed_params()]
+        grads = local_grads
+        if grads is None:
+            grads = [self.local_grad(p) for p in self.managed_params()]
         grads = [g for g in grads if g is not None]
         if not grads:
             return {}
@@ -751,6 +783,19 @@ def _patched_by_grad_scaler(optimizer: Optimizer) -> bool:
     schedulers wrap it there too (tagged ``_wrapped_by_lr_sched``), which is harmless."""
     patched = optimizer.__dict__.get("step")
     return patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False)
+
+
+def _refuse_unattached_dtensors(optimizer: Optimizer) -> None:
+    """DTensor parameters (FSDP2's shards) need the FSDP2 adapter, which places x̃ in the local
+    shards: the optimizer's own kernels cannot step DTensors."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if any(cls.__name__ == "DTensor" for cls in type(p).__mro__):
+                raise RuntimeError(
+                    "this extrap_accel optimizer holds DTensor parameters (FSDP2's fully_shard) "
+                    "but was not attached: call extrap_accel.attach(model, optimizer) with the "
+                    "fully_shard model before the first step"
+                )
 
 
 def _refuse_an_unattached_trainer() -> None:

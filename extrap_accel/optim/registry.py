@@ -23,6 +23,9 @@ class VariantInfo:
     ``deepspeed``: the ZeRO configurations where it is correct: "zero0".."zero3", or
     "zero0-fp32" (ZeRO-0 without bf16/fp16, where DeepSpeed steps the module itself and
     ``.grad`` holds the whole averaged gradient).
+    ``fsdp2``: correct under FSDP2 (``fully_shard``, dim-0 shards): each rank holds whole
+    filters, its shard of the averaged gradient and its local gradient's slice, so every
+    variant but ``fresh`` runs there without communication.
     """
 
     name: str
@@ -30,6 +33,7 @@ class VariantInfo:
     noise: bool = False
     ddp: bool = True
     deepspeed: tuple[str, ...] = ("zero0", "zero1", "zero2", "zero3")
+    fsdp2: bool = True
     why_not: str = ""  # shown when a backend refuses it
 
 
@@ -42,7 +46,7 @@ VARIANTS = {v.name: v for v in (
     VariantInfo("stochastic", deepspeed=("zero0-fp32",),
                 why_not="it needs the whole averaged gradient in .grad, which DeepSpeed leaves "
                         "there only at ZeRO-0 in fp32"),
-    VariantInfo("fresh", needs_closure=True, ddp=False, deepspeed=(),
+    VariantInfo("fresh", needs_closure=True, ddp=False, deepspeed=(), fsdp2=False,
                 why_not="its second backward would run the data-parallel reduction"),
 )}  # fmt: skip
 

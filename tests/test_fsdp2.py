@@ -1,0 +1,205 @@
+"""FSDP2 (``fully_shard``) on 2 real CPU processes (gloo).
+
+One ``torchrun`` launch runs every check (tests/distributed/fsdp2_worker.py) and writes JSON per
+rank; these tests assert on it. The expectations of x̃ come from tests/reference.py in float64,
+fed with every rank's local gradients (gathered by the worker). Sharding configurations:
+"root" (fully_shard on the root only), "blocks" (per block and the root), "keep" (per block
+with reshard_after_forward=False).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from launch import free_port, load_results, run
+
+pytestmark = pytest.mark.slow
+
+WORKER = "tests/distributed/fsdp2_worker.py"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    import sys
+
+    run([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_port", str(free_port()), WORKER, "--out", str(out)]], timeout=300)
+    ranks = load_results(str(out), "fsdp2", 2)
+    for r in ranks:
+        for check, value in r.items():
+            assert "error" not in value, f"{check}:\n{value['error']}"
+    return ranks
+
+
+SEMANTICS = ["semantics_sgd_blocks", "semantics_sgd_root", "semantics_sgd_keep",
+             "semantics_sgd_accum", "semantics_sgd_accum_nosync", "semantics_stochastic", "semantics_adam", "semantics_sgd_bf16",
+             "semantics_sgd_bf16_small_lr"]
+
+
+@pytest.mark.parametrize("check", SEMANTICS)
+def test_each_rank_displaces_its_own_shard_with_its_own_local_gradient(results, check):
+    """The anchor follows torch's update of the averaged gradient, and the mixed point is, shard
+    by shard, the owner's x̃ = x − γ̃·dᵏ from its own local gradients (float64 reference over
+    every rank's gathered gradients; extrap_max_norm in "keep"); I6 holds (gᵏ sums the
+    micro-steps of gradient accumulation, also without gradient sync on the first)."""
+    for r in results:
+        e = r[check]
+        assert len(e["anchor_err"]) >= 4
+        assert max(e["anchor_err"]) < 1e-6
+        assert max(e["point_err"]) < 1e-6
+        assert max(e["i6_err"]) < 1e-6
+        assert e["displaced_any"]
+
+
+@pytest.mark.parametrize("check", SEMANTICS)
+def test_all_ranks_compute_at_one_mixed_point(results, check):
+    """What the forward reads (the unsharded weights) is identical on every rank and equals the
+    reference's mixed point, cast to the policy's param_dtype under bf16."""
+    for r in results:
+        e = r[check]
+        assert e["same_point"] and all(e["same_point"])
+        assert max(e["seen_err"]) < 1e-6
+
+
+@pytest.mark.parametrize("check", SEMANTICS)
+def test_frozen_unused_and_empty_shards(results, check):
+    """A frozen layer and a parameter the forward never uses stay as they were; the head's
+    weight (dim 0 = 1 < K) leaves rank 1 an empty shard (the checks above cover it)."""
+    for r in results:
+        assert r[check]["frozen_unused_unchanged"]
+
+
+def test_bf16_rounded_to_zero_fraction(results):
+    """MixedPrecisionPolicy(bf16, fp32): x̃ is formed in fp32 on the shard and cast by FSDP2's
+    all-gather; the adapter's rounded-to-zero fraction equals the one the worker counts, and it
+    grows when γ̃·d shrinks."""
+    for r in results:
+        big, small = r["semantics_sgd_bf16"], r["semantics_sgd_bf16_small_lr"]
+        for e in (big, small):
+            assert e["rounded_to_zero_fraction"] == pytest.approx(
+                e["rounded_to_zero_fraction_counted"], abs=1e-12)
+        assert 0.0 < big["rounded_to_zero_fraction"] < small["rounded_to_zero_fraction"] < 1.0
+        assert r["semantics_sgd_blocks"]["rounded_to_zero_fraction"] == 0.0  # fp32: none
+
+
+@pytest.mark.parametrize("check", ["noise_gaussian", "noise_uniform", "noise_filterwise"])
+def test_noise_variants_on_shards(results, check):
+    for r in results:
+        e = r[check]
+        assert e["within_bounds"] and e["moved"] and e["ranks_draw_differently"]
+
+
+@pytest.mark.parametrize("check", ["i1_sgd_root", "i1_sgd_keep", "i1_adamw_blocks",
+                                   "i1_sgd_bf16"])
+def test_i1_extrap_scale_zero_is_torch_bit_for_bit(results, check):
+    for r in results:
+        assert r[check]["bit_identical"]
+
+
+@pytest.mark.parametrize("check", ["i1_sgd_root", "i1_sgd_keep", "i1_adamw_blocks",
+                                   "i1_sgd_bf16"])
+def test_i3_collectives_per_step_equal_torch(results, check):
+    for r in results:
+        e = r[check]
+        assert e["collectives_ours"] == e["collectives_torch"]
+        assert e["collectives_ours"]["calls"] > 0
+
+
+def test_i3_collectives_while_extrapolating(results):
+    """γ̃ > 0 and extrap_max_norm (this rank's whole local-gradient norm): no extra collective."""
+    for r in results:
+        e = r["collectives_extrapolating"]
+        assert e["ours"] == e["torch"] and e["ours"]["calls"] > 0
+
+
+@pytest.mark.parametrize("check", ["saves_blocks", "saves_root"])
+def test_only_the_anchor_is_evaluated_or_saved(results, check):
+    for r in results:
+        e = r[check]
+        assert e["displaced"]  # x̃ ≠ x, so the checks below can fail
+        for key in ("state_dict", "dcp_sharded", "dcp_full", "no_grad_forward_at_anchor",
+                    "second_no_grad_forward_at_anchor", "shards_hold_points_after",
+                    "training_forward_after_sees_point", "eval_mode_shards_are_anchor",
+                    "eval_mode_forward", "train_mode_shards_are_points"):
+            assert e[key], key
+
+
+@pytest.mark.parametrize("check", ["resume_sgd", "resume_adam"])
+def test_dcp_resume_is_exact(results, check):
+    """DCP (sharded model and optimizer state) + each rank's extrap_accel_rank<r>.pt: a fresh
+    run from another initialisation continues bit for bit; DCP's dummy step (lr 0, zero
+    gradients) on a fresh optimizer changes nothing, Adam's counters included."""
+    for r in results:
+        e = r[check]
+        assert e["decision"] == "load"
+        assert e["bit_identical"]
+        assert e["dcp_dummy_step_changes_nothing"]
+        if check == "resume_adam":
+            assert e["adam_counters_after_3_steps"] == [3]
+
+
+def test_loading_weights_moves_the_anchor(results):
+    """model.load_state_dict of its own state dict changes nothing (bit for bit); DCP's
+    set_model_state_dict with another model's full state dict makes it the anchor and keeps
+    each shard's x̃ − x (to fp32 rounding); a folder without per-rank files restarts x̃ = x."""
+    for r in results:
+        e = r["loads"]
+        assert e["displaced"]
+        assert e["own_state_dict_changes_nothing"]
+        assert e["full_load_moves_anchor"] and e["shards_hold_points"]
+        assert e["full_load_keeps_displacement"] < 1e-6
+        assert e["decision_without_files"] == "restart" and e["restarted"]
+
+
+def test_refusals_name_the_fix(results):
+    for r in results:
+        e = r["refusals"]
+        assert "not supported under FSDP2" in e["fresh"] and "'past'" in e["fresh"]
+        assert "extrap_accel.attach(model, optimizer)" in e["unattached_step"]
+        assert "model.parameters() after fully_shard" in e["plain_params"]
+        assert e["attach_after_no_grad_forward"] == "ok"
+
+
+# ------------------------------------------------------------------ without a launch
+def test_support_table():
+    from extrap_accel.optim import VARIANTS
+
+    assert {n for n, v in VARIANTS.items() if v.fsdp2} == {
+        "past", "gaussian", "uniform", "filterwise", "stochastic"}
+    assert not VARIANTS["fresh"].fsdp2
+
+
+def test_fsdp1_is_refused_naming_fsdp2():
+    import torch
+    from torch import nn
+
+    import extrap_accel
+
+    class FullyShardedDataParallel(nn.Module):
+        pass
+
+    model = FullyShardedDataParallel()
+    model.w = nn.Parameter(torch.zeros(2))
+    with pytest.raises(NotImplementedError, match="fully_shard"):
+        extrap_accel.attach(model, extrap_accel.ExtrapSGD(model.parameters(), lr=0.1))
+
+
+def test_accelerate_fsdp_plugin_is_refused_naming_attach():
+    from accelerate.utils import DistributedType
+
+    import extrap_accel
+
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(NotImplementedError, match=r"attach\(model, optimizer\)"):
+        extrap_accel.prepare(accelerator)
+
+
+def test_trainer_fsdp_is_refused_naming_attach():
+    from extrap_accel.integrations.transformers import _check_backend
+
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(), is_fsdp_enabled=True)
+    with pytest.raises(NotImplementedError, match=r"fully_shard.*attach\(model, optimizer\)"):
+        _check_backend(trainer)
