@@ -51,7 +51,20 @@ def test_each_rank_displaces_its_own_shard_with_its_own_local_gradient(results, 
         assert max(e["anchor_err"]) < 1e-6
         assert max(e["point_err"]) < 1e-6
         assert max(e["i6_err"]) < 1e-6
+        assert max(e["own_rows_err"]) < 1e-6
         assert e["displaced_any"]
+
+
+@pytest.mark.parametrize("check", SEMANTICS)
+def test_extra_state_is_shard_sized(results, check):
+    """The adapter's own state per rank (anchor copy, local moments, the captured rows of gᵏ;
+    not the base optimizer's state) in bytes per element of this rank's shard: 3 fp32 buffers
+    for extrap-SGD (12 bytes), 4 for extrap-Adam; nothing whole-sized (the capture keeps only
+    this rank's rows; extrap_max_norm adds one scalar norm per parameter until the step)."""
+    limit = 16.0 if check == "semantics_adam" else 12.0
+    for r in results:
+        e = r[check]
+        assert 0 < e["extra_bytes_per_element"] <= limit
 
 
 @pytest.mark.parametrize("check", SEMANTICS)
@@ -152,6 +165,13 @@ def test_loading_weights_moves_the_anchor(results):
         assert e["full_load_moves_anchor"] and e["shards_hold_points"]
         assert e["full_load_keeps_displacement"] < 1e-6
         assert e["decision_without_files"] == "restart" and e["restarted"]
+
+
+def test_max_norm_with_gradient_accumulation_is_refused(results):
+    for r in results:
+        for sync in (True, False):
+            msg = r["max_norm_accumulation"][f"sync={sync}"]
+            assert "extrap_max_norm under FSDP2 with gradient accumulation" in msg, msg
 
 
 def test_refusals_name_the_fix(results):

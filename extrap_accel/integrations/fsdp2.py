@@ -9,7 +9,11 @@ per block) and an optimizer built on its DTensor parameters installs an
   so x̃ is written into the shard *in place* (FSDP2 compares storage pointers: a ``.data`` swap
   would not be all-gathered) and the anchor is a separate shard-sized copy the core keeps.
 - **This rank's local gradient** is captured by tensor hooks on the *unsharded* parameters,
-  which fire with this rank's whole local gradient before FSDP2's reduce-scatter. Each rank
+  which fire with this rank's whole local gradient before FSDP2's reduce-scatter; only the rows
+  of this rank's own shard are kept (a shard-sized fp32 buffer, summed over the micro-steps of
+  an accumulation). ``extrap_max_norm`` takes the norm of the whole gradient in the hook (no
+  buffer), so it supports one backward per step: a second backward reaching a parameter
+  before the step raises (the norm of the sum would need the whole sum). Each rank
   displaces the shard it owns with its own local gradient's slice for that shard, so all ranks
   compute at one *mixed* point x + [δ⁰ on shard 0 | δ¹ on shard 1 | …], as at DeepSpeed ZeRO-3:
   the paper's per-worker x̃ᵏ (invariant I4) holds per shard, not per model.
@@ -125,17 +129,26 @@ class _ShardCore(Core):
 
 
 class _Capture:
-    """This rank's local gradient gᵏ of each sharded parameter, summed over the micro-steps of
-    an accumulation, from tensor hooks on the unsharded parameters (fp32 buffers, whole shape).
+    """This rank's local gradient gᵏ of each sharded parameter, from tensor hooks on the
+    unsharded parameters: only the rows of this rank's own shard (``own_rows``), kept as a
+    shard-sized fp32 buffer and summed over the micro-steps of an accumulation.
 
     A new accumulation starts after each applied step and when the hook finds the sharded
     parameter's ``.grad`` cleared (``zero_grad``; FSDP2 reduce-scatters into it after the hook)
     unless the previous micro-step ran without gradient sync
     (``set_requires_gradient_sync(False)``, which leaves ``.grad`` unset until the last one).
+
+    With ``needs_norm()`` (some group sets ``extrap_max_norm``) the hook also records the norm
+    of the whole local gradient it sees (a 0-dim fp32 tensor, no host sync). The norm of a sum
+    of micro-steps would need the whole sum, which is not kept: a second contribution to one
+    parameter in one accumulation then raises.
     """
 
-    def __init__(self):
+    def __init__(self, own_rows, needs_norm):
+        self.own_rows = own_rows  # (sharded, whole) -> this rank's rows of whole
+        self.needs_norm = needs_norm
         self.buffers: dict[Tensor, Tensor] = {}
+        self.norms: dict[Tensor, Tensor] = {}
         self.fresh: set[Tensor] = set()
         self.unsynced: set[Tensor] = set()
         self.hooked: set[int] = set()
@@ -149,15 +162,27 @@ class _Capture:
         def hook(grad: Tensor) -> None:
             with torch.no_grad():
                 grad = _local(grad)
+                rows = self.own_rows(sharded, grad)
                 buf = self.buffers.get(sharded)
                 continuing = sharded in self.fresh and (
                     sharded.grad is not None or sharded in self.unsynced)
+                if continuing and self.needs_norm():
+                    raise RuntimeError(
+                        "extrap_max_norm under FSDP2 with gradient accumulation is not "
+                        "supported: a second backward reached a parameter before "
+                        "optimizer.step(), and the norm of this rank's summed local gradient "
+                        "would need a whole-size copy of it per rank (the adapter keeps only "
+                        "this rank's shard). Remove extrap_max_norm, or take one backward per "
+                        "step (a larger micro-batch)"
+                    )
                 if buf is None:
-                    self.buffers[sharded] = grad.to(torch.float32, copy=True)
+                    self.buffers[sharded] = rows.to(torch.float32, copy=True)
                 elif continuing:
-                    buf.add_(grad)
+                    buf.add_(rows)
                 else:
-                    buf.copy_(grad)
+                    buf.copy_(rows)
+                if self.needs_norm():
+                    self.norms[sharded] = torch.linalg.vector_norm(grad, dtype=torch.float32)
             self.fresh.add(sharded)
             if group.reduce_grads:
                 self.unsynced.discard(sharded)
@@ -167,12 +192,18 @@ class _Capture:
         self.handles.append(unsharded.register_hook(hook))
 
     def get(self, p: Tensor) -> Tensor | None:
-        """gᵏ of ``p`` in this accumulation (None: no backward reached it on this rank)."""
+        """This rank's rows of gᵏ of ``p`` in this accumulation (None: no backward reached it
+        on this rank)."""
         return self.buffers.get(p) if p in self.fresh else None
+
+    def norm(self, p: Tensor) -> Tensor | None:
+        """The norm of this rank's whole gᵏ of ``p`` (with ``extrap_max_norm`` only)."""
+        return self.norms.get(p) if p in self.fresh else None
 
     def reset(self) -> None:
         self.fresh.clear()
         self.unsynced.clear()
+        self.norms.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -191,7 +222,8 @@ class FSDP2Extrapolation:
         from torch.distributed.fsdp import FSDPModule
 
         self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        self.capture = _Capture()
+        self.capture = _Capture(self.own_rows, lambda: any(
+            g["extrap_max_norm"] is not None for g in optimizer.param_groups))
         # elements of δ ≠ 0 that FSDP2's cast to param_dtype erased / elements of δ ≠ 0, counted
         # on the device (no host sync) at every ``rounding_sample_every``-th placement
         self.rounded: list[Tensor | int] = [0, 0]
@@ -273,7 +305,9 @@ class FSDP2Extrapolation:
         return self.core.point(p)
 
     def local_grad(self, p: Tensor) -> Tensor | None:
-        """This rank's whole local gradient of ``p`` in the current accumulation."""
+        """The rows of this rank's own shard of its local gradient of ``p`` in the current
+        accumulation (fp32, shaped like the shard; the rest of the local gradient is not
+        kept)."""
         return self.capture.get(p)
 
     def local_state(self, p: Tensor) -> dict[str, Any]:
@@ -319,8 +353,8 @@ class FSDP2Extrapolation:
         """x̃ = x − γ̃·d (or x + ξ) into each shard from the new anchor, in the shard's dtype."""
         opt, core = self.optimizer, self.core
         opt.resolve_world_size()
-        whole = [g for p in opt.managed_params() if (g := self.capture.get(p)) is not None]
-        coefs = opt.local_clip_coefs(whole)
+        norms = [n for p in opt.managed_params() if (n := self.capture.norm(p)) is not None]
+        coefs = opt.local_clip_coefs(norms=norms)
         if self._param_dtypes is None:
             self._param_dtypes = self._read_param_dtypes()
         sample = self._placements % self.rounding_sample_every == 0
@@ -336,8 +370,7 @@ class FSDP2Extrapolation:
                     continue
                 local = self.capture.get(p)
                 anchor = core.ensure_anchor(p)  # the anchor torch's update just wrote
-                gk = (torch.zeros(slot.shape, dtype=torch.float32) if local is None
-                      else self.own_rows(p, local))  # fmt: skip
+                gk = torch.zeros(slot.shape, dtype=torch.float32) if local is None else local
                 placed.append(p)
                 xs.append(anchor.float())
                 outs.append(torch.empty_like(xs[-1]))

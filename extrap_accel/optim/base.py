@@ -654,26 +654,32 @@ class ExtrapOptimizer(Optimizer):
             )
         return True
 
-    def local_clip_coefs(self, local_grads: list[Tensor] | None = None) -> dict[int, float]:
+    def local_clip_coefs(self, local_grads: list[Tensor] | None = None,
+                         norms: list[Tensor] | None = None) -> dict[int, float]:
         """Per group: the factor that clips this rank's local gradient at ``extrap_max_norm``.
 
         The norm is the total norm of the local gradient over all of this optimizer's
         parameters (as ``clip_grad_norm_`` over the model); each group clips at its own threshold.
-        ``local_grads``: this rank's whole local gradients, where a backend captures them itself
-        (FSDP2: on the unsharded parameters); default: ``local_grad`` of every parameter.
+        ``local_grads``: this rank's whole local gradients, where a backend captures them itself;
+        ``norms``: or their per-parameter norms (FSDP2: taken in the hooks on the unsharded
+        parameters, which keep no whole gradient); default: ``local_grad`` of every parameter.
         """
         if all(group["extrap_max_norm"] is None for group in self.param_groups):
             return {}
-        grads = local_grads
-        if grads is None:
-            grads = [self.local_grad(p) for p in self.managed_params()]
-        grads = [g for g in grads if g is not None]
-        if not grads:
+        if norms is None:
+            grads = local_grads
+            if grads is None:
+                grads = [self.local_grad(p) for p in self.managed_params()]
+            grads = [g for g in grads if g is not None]
+            if not grads:
+                return {}
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("extrap_max_norm does not support sparse gradients: remove it")
+            norms = list(torch._foreach_norm(grads, 2.0))
+        if not norms:
             return {}
-        if any(g.is_sparse for g in grads):
-            raise RuntimeError("extrap_max_norm does not support sparse gradients: remove it")
-        device = grads[0].device
-        norms = [n.to(device, torch.float64) for n in torch._foreach_norm(grads, 2.0)]
+        device = norms[0].device
+        norms = [n.to(device, torch.float64) for n in norms]
         total = float(torch.linalg.vector_norm(torch.stack(norms), 2.0))  # one host sync
         out = {}
         for i, group in enumerate(self.param_groups):

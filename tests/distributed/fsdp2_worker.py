@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -121,6 +121,50 @@ def seen_hooks(model):
     return seen, hs
 
 
+class WholeGrads:
+    """The test's own record of this rank's whole local gradient of each parameter (float64,
+    summed over the micro-steps since ``clear``), from tensor hooks on FSDP2's unsharded
+    parameters: the adapter keeps only the rows of this rank's shard."""
+
+    def __init__(self, model):
+        self.sums: dict = {}
+        self.hooked: set = set()
+        self.handles = [m.register_forward_pre_hook(self._pre) for m in model.modules()
+                        if isinstance(m, FSDPModule)]  # fmt: skip
+
+    def _pre(self, module, args):
+        group = module._get_fsdp_state()._fsdp_param_group
+        for fp in [] if group is None else group.fsdp_params:
+            u = getattr(fp, "_unsharded_param", None)
+            if u is None or id(u) in self.hooked or not u.requires_grad:
+                continue
+            self.hooked.add(id(u))
+
+            def hook(g, sharded=fp.sharded_param):
+                g = g.detach().double()
+                self.sums[sharded] = self.sums[sharded] + g if sharded in self.sums else g
+
+            self.handles.append(u.register_hook(hook))
+
+    def clear(self):
+        self.sums.clear()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def extra_bytes_per_element(adapter, params):
+    """The adapter's own state on this rank (anchor copy, local moments, captured local
+    gradients and norms; not the base optimizer's state), in bytes per element of this rank's
+    shard of ``params``."""
+    tensors = [t for p in params for t in adapter.core.state.get(p, {}).values()
+               if torch.is_tensor(t)]  # fmt: skip
+    tensors += list(adapter.capture.buffers.values()) + list(adapter.capture.norms.values())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    return total / sum(p.to_local().numel() for p in params)
+
+
 def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and n != "unused"]
 
@@ -145,11 +189,14 @@ def check_semantics(rank, name, shard="blocks", mp=None, steps=4, accum=1, sync=
         ref_kw["extrapolation"] = "stochastic" if name == "extrap_sgd_stochastic" else "past"
     ref = ref_cls([p.full_tensor().double() for p in params], **ref_kw)
     seen, hooks = seen_hooks(model)
-    out = {"anchor_err": [], "point_err": [], "seen_err": [], "same_point": [], "i6_err": []}
+    whole = WholeGrads(model)
+    out = {"anchor_err": [], "point_err": [], "seen_err": [], "same_point": [], "i6_err": [],
+           "own_rows_err": []}
     gone = moved = 0
     for t in range(steps):
         opt.zero_grad()
         seen.clear()
+        whole.clear()
         for micro in range(accum):  # gᵏ sums the micro-steps, as .grad does
             model.set_requires_gradient_sync(sync or micro == accum - 1)
             x, y = batch(10 * t + micro, rank)
@@ -162,7 +209,12 @@ def check_semantics(rank, name, shard="blocks", mp=None, steps=4, accum=1, sync=
             err = (got.double() - expected[n].to(dtype).double()).abs().max()
             out["seen_err"].append(float(err))
             out["same_point"].append(all(torch.equal(got, o) for o in gather_all(got)))
-        locals_ = [adapter.local_grad(p).double() for p in params]
+        locals_ = [whole.sums[p] for p in params]
+        for p, g in zip(params, locals_):  # the adapter keeps exactly this rank's rows of gᵏ
+            mine, want = adapter.local_grad(p).double(), adapter.own_rows(p, g)
+            assert mine.shape == p.to_local().shape
+            err = (mine - want).abs().max() / (want.abs().max() + 1e-12) if mine.numel() else 0.0
+            out["own_rows_err"].append(float(err))
         per_rank = [gather_all(g) for g in locals_]  # [param][rank]
         for p, gs in zip(params, per_rank):
             avg = p.grad.full_tensor().double()
@@ -183,6 +235,8 @@ def check_semantics(rank, name, shard="blocks", mp=None, steps=4, accum=1, sync=
                 moved += int(m.sum())
     for h in hooks:
         h.remove()
+    whole.remove()
+    out["extra_bytes_per_element"] = extra_bytes_per_element(adapter, params)
     displaced = [bool((adapter.point(p) != adapter.anchor(p)).any()) for p in params
                  if adapter.point(p).numel()]
     out["displaced_any"] = any(displaced)
@@ -445,6 +499,27 @@ def check_refusals(rank):
     return out
 
 
+def check_max_norm_accumulation(rank):
+    """extrap_max_norm needs the norm of this rank's whole local gradient, summed over the
+    micro-steps: not kept (shard-sized state), so a second backward before the step raises,
+    with and without gradient sync; one backward per step runs (semantics_sgd_keep)."""
+    out = {}
+    for sync in (True, False):
+        model = make("blocks")
+        opt = extrap_accel.ExtrapSGD(model.parameters(), extrap_max_norm=1.0, **SGD)
+        extrap_accel.attach(model, opt)
+        opt.zero_grad()
+        try:
+            for micro in range(2):
+                model.set_requires_gradient_sync(sync or micro == 1)
+                x, y = batch(micro, rank)
+                nn.functional.mse_loss(model(x), y).backward()
+            out[f"sync={sync}"] = "accepted"
+        except RuntimeError as e:
+            out[f"sync={sync}"] = str(e)
+    return out
+
+
 CHECKS = {
     "semantics_sgd_blocks": lambda r, o: check_semantics(r, "extrap_sgd", "blocks", **SGD),
     "semantics_sgd_root": lambda r, o: check_semantics(r, "extrap_sgd", "root", **SGD),
@@ -480,6 +555,7 @@ CHECKS = {
     "resume_adam": lambda r, o: check_resume(r, "adam", os.path.join(o, "ckpt_adam")),
     "loads": lambda r, o: check_loads(r, os.path.join(o, "empty")),
     "refusals": lambda r, o: check_refusals(r),
+    "max_norm_accumulation": lambda r, o: check_max_norm_accumulation(r),
 }
 
 
