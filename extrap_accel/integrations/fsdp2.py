@@ -55,8 +55,6 @@ from ..optim.registry import variant_info
 LAYOUT = "fsdp2-shard0"
 
 
-
-
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
