@@ -434,3 +434,33 @@ def test_a_deep_copy_of_an_attached_model_is_not_attached():
     opt2 = _sgd(ema)
     extrap_accel.attach(ema, opt2)  # and it can be attached to an optimizer of its own
     assert torch.equal(model.state_dict()["0.weight"], opt.anchor(model[0].weight))
+
+
+@pytest.mark.parametrize("cls", [ExtrapSGD, ExtrapAdam])
+def test_torch_distributed_checkpoint_state_dicts_round_trip_and_its_dummy_step_changes_nothing(cls):
+    """DCP's get/set_optimizer_state_dict (as DDP users save with it): its state-creating dummy
+    step (zero gradients at lr 0) changes nothing, not even Adam's counters, and the state dict
+    it keeps (state and param_groups, no 'extrap' entry) loads and continues exactly."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1} | ({"momentum": 0.9} if cls is ExtrapSGD else {})
+    a, b = _model(), _model()
+    opt_a, opt_b = cls(a.parameters(), **kwargs), cls(b.parameters(), **kwargs)
+    get_optimizer_state_dict(b, opt_b)  # on an optimizer without state: the dummy step
+    _steps(a, opt_a, n=3)
+    _steps(b, opt_b, n=3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q) and torch.equal(opt_a.anchor(p), opt_b.anchor(q))
+    saved = copy.deepcopy(get_optimizer_state_dict(a, opt_a))
+    assert "extrap" not in saved
+    c = _model(seed=1)
+    opt_c = cls(c.parameters(), **kwargs)
+    c.load_state_dict(a.state_dict())
+    set_optimizer_state_dict(c, opt_c, saved)
+    _steps(a, opt_a, n=2, seed=5)
+    _steps(c, opt_c, n=2, seed=5)
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q) and torch.equal(opt_a.anchor(p), opt_c.anchor(q))

@@ -487,8 +487,9 @@ class ExtrapOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("extrap", None)
-        if extra is None and self._binding.bare_state_dicts:
-            extra = {}
+        groups = state_dict.get("param_groups") or [{}]
+        if extra is None and (self._binding.bare_state_dicts or "train_mode" in groups[0]):
+            extra = {}  # ours, through torch.distributed.checkpoint (which keeps state and groups)
         if extra is None:
             raise ValueError(
                 f"this state dict has no 'extrap' entry: it was not saved by an extrap_accel "
@@ -505,10 +506,12 @@ class ExtrapOptimizer(Optimizer):
             counters[idx] = {k: entry[k] for k in self._step_keys if torch.is_tensor(entry.get(k))}
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
+        # the saved keys, as torch maps them (indices, or names through DCP)
+        by_key = dict(zip((k for g in groups for k in g.get("params", ())), params))
         for idx, saved in counters.items():  # torch cast them to the parameter dtype
             for key, value in saved.items():
                 dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else None
-                self.state[params[int(idx)]][key] = value.to("cpu", dtype, copy=True)
+                self.state[by_key[idx]][key] = value.to("cpu", dtype, copy=True)
         train = all(group["train_mode"] for group in self.param_groups)
         for group in self.param_groups:
             group["train_mode"] = train
@@ -546,7 +549,8 @@ class ExtrapOptimizer(Optimizer):
         ``closure`` (zero grads, forward, backward, return loss) is optional, and required by
         ``extrapolation="fresh"``, which calls it twice: at the anchor and at x̃.
         """
-        if self._binding.init_step is not None and self._binding.init_step():
+        init_step = self._binding.init_step or self._dcp_init_step
+        if init_step():
             self._create_base_state()
             return None
         if not self._begin_step():
@@ -568,6 +572,17 @@ class ExtrapOptimizer(Optimizer):
             self._step_group(group, coefs.get(i, 1.0))
         self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
         return loss
+
+    def _dcp_init_step(self) -> bool:
+        """Whether this is ``torch.distributed.checkpoint``'s state-creating dummy step
+        (``_init_optim_state``: no state yet, every lr 0, zero gradients), which must change
+        nothing: not the weights, not a counter, not K."""
+        if self.state or self._binding.base_update_only:
+            return False
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and not any(bool(g.any()) for g in grads)
 
     def _create_base_state(self) -> None:
         """Create the base state of every parameter with a gradient (a bound backend's init
