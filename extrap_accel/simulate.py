@@ -44,8 +44,9 @@ class VirtualWorkers:
     LARS, or any torch optimizer (the mini-batch baseline: every worker computes at the anchor).
 
     The model always holds the anchor (the optimizer is bound with ``base_update_only`` and an
-    empty core); each worker's x̃ is a separate set of buffers, placed by the same direction
-    function every backend uses and pointed into the model only for that worker's forward.
+    empty core). Each worker is a core in eval mode over the model's parameters: it keeps its x̃
+    and its local state, places x̃ with the direction function every backend uses, and points
+    the parameters at its x̃ for its own forward and backward (``Core.at_points``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_workers: int):
@@ -67,11 +68,22 @@ class VirtualWorkers:
                 raise ValueError("build VirtualWorkers before the optimizer's first step")
             self.extrap.bind(backend="simulator", core=Core(), base_update_only=True,
                              world_size=num_workers, capture=CaptureMode(off=True))  # fmt: skip
-        self.points = [[p.detach().clone() for p in self.params] for _ in range(num_workers)]
-        self.local_state: list[dict[Tensor, dict]] = [{} for _ in range(num_workers)]
+        self.workers = [Core() for _ in range(num_workers)]
+        for worker in self.workers:
+            worker.training = False  # the slots (the model's parameters) hold the anchor
         self._generators: list[dict[torch.device, torch.Generator]] = [
             {} for _ in range(num_workers)
         ]
+
+    @property
+    def points(self) -> list[list[Tensor]]:
+        """Each worker's x̃, per parameter (live tensors: do not modify)."""
+        return [[worker.point(p) for p in self.params] for worker in self.workers]
+
+    @property
+    def local_state(self) -> list[dict[Tensor, dict]]:
+        """Each worker's local state (its x̃ under "extrapolated", its local moments)."""
+        return [worker.state for worker in self.workers]
 
     def _generator(self, k: int, device: torch.device) -> torch.Generator:
         gen = self._generators[k].get(device)
@@ -89,20 +101,13 @@ class VirtualWorkers:
         K losses (detached).
         """
         K = self.num_workers
-        anchors = [p.data for p in self.params]
         local_grads, losses = [], []
-        for k in range(K):
-            for p, point in zip(self.params, self.points[k]):
-                p.data = point
-            try:
-                for p in self.params:
-                    p.grad = None
-                with torch.enable_grad():
-                    loss = closure(k)
-                    loss.backward()
-            finally:
-                for p, anchor in zip(self.params, anchors):
-                    p.data = anchor
+        for k, worker in enumerate(self.workers):
+            for p in self.params:
+                p.grad = None
+            with worker.at_points(), torch.enable_grad():
+                loss = closure(k)
+                loss.backward()
             local_grads.append([None if p.grad is None else p.grad.detach() for p in self.params])
             losses.append(loss.detach())
         with torch.no_grad():
@@ -122,14 +127,10 @@ class VirtualWorkers:
             with torch.no_grad():
                 for k in range(K):
                     self._extrapolate(k, local_grads[k], lrs)
-        else:
-            for points in self.points:
-                for point, anchor in zip(points, anchors):
-                    point.copy_(anchor)
         return losses
 
     def _extrapolate(self, k: int, local: list[Tensor | None], lrs: list[float]) -> None:
-        opt = self.extrap
+        opt, worker = self.extrap, self.workers[k]
         index = {p: i for i, p in enumerate(self.params)}
         norm = None
         for group, lr in zip(opt.param_groups, lrs):
@@ -143,8 +144,8 @@ class VirtualWorkers:
                         [torch.linalg.vector_norm(g.double()) for g in local if g is not None])))
                 coef = min(1.0, float(group["extrap_max_norm"]) / (norm + 1e-6))
             opt.place_next_(
-                group, params, outs=[self.points[k][index[p]] for p in params],
+                group, params, outs=[worker.ensure_point(p) for p in params],
                 anchors=[p.detach() for p in params], local_grads=[local[index[p]] for p in params],
-                states=[self.local_state[k].setdefault(p, {}) for p in params], lr=lr,
-                local_coef=coef, generator=lambda device: self._generator(k, device),
+                states=[worker.state[p] for p in params], lr=lr, local_coef=coef,
+                generator=lambda device: self._generator(k, device),
             )  # fmt: skip

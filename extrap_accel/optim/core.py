@@ -139,6 +139,32 @@ class Core:
                 p.data = data
             self._swapped = {}
 
+    def ensure_point(self, p: Tensor) -> Tensor:
+        """The x̃ buffer of ``p`` in eval mode (the slot holds the anchor), created from the slot
+        if ``p`` is not displaced yet."""
+        entry = self.state.setdefault(p, {})
+        point = entry.get(EXTRAPOLATED)
+        if point is None:
+            point = entry[EXTRAPOLATED] = self.weight(p).clone(memory_format=torch.preserve_format)
+        return point
+
+    @contextlib.contextmanager
+    def at_points(self) -> Iterator[None]:
+        """Eval mode's counterpart of :meth:`at_anchor`: the slots hold x̃ inside the block
+        (pointer swaps, values untouched) and the anchor again afterwards, even if the block
+        raises. For a forward *and backward* at x̃ of a core whose slots keep the anchor (the
+        simulator's workers): the x̃ buffers must not change until the backward is done."""
+        pairs = [(p, e[EXTRAPOLATED]) for p, e in list(self.state.items())
+                 if not self.training and e and EXTRAPOLATED in e]  # fmt: skip
+        saved = [(p, p.data) for p, _ in pairs]
+        for p, point in pairs:
+            p.data = point
+        try:
+            yield
+        finally:
+            for p, data in saved:
+                p.data = data
+
     @torch.no_grad()
     def move_anchor_(self, p: Tensor, value: Tensor) -> Tensor | None:
         """Weights loaded into ``p``: the anchor becomes ``value`` and x̃ keeps its displacement
