@@ -8,6 +8,8 @@ import platform
 import socket
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -44,3 +46,27 @@ def report(ranks: list[dict], text: str, json_path: str | None, device: str = ""
         with open(json_path, "w") as f:
             json.dump({"machine": machine, "ranks": ranks, "table": text}, f, indent=1)
     return {"ranks": ranks, "table": text}
+
+
+def interleaved_times(one_step: Callable[[str, int], None], names: Iterable[str], steps: int,
+                      warmup: int = 3, cuda: bool = False) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds of ``one_step(name, t)`` for each name, interleaved (A, B, A, B, ...) after
+    ``warmup`` untimed rounds; every rank waits for the others before each timed step."""
+    import torch.distributed as dist
+
+    names = list(names)
+    for t in range(warmup):
+        for name in names:
+            one_step(name, t)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for t in range(warmup, warmup + steps):
+        for name in names:
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            one_step(name, t)
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (REPO, os.path.join(REPO, "recipes")):
@@ -36,7 +35,7 @@ for _path in (REPO, os.path.join(REPO, "recipes")):
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _multiprocess import free_port, report, run_ranks  # noqa: E402
+from _multiprocess import free_port, interleaved_times, report, run_ranks  # noqa: E402
 from extrap_accel.diagnostics import count_collectives  # noqa: E402
 
 MOMENTUM = 0.9
@@ -105,16 +104,8 @@ def worker(args) -> None:
             opt.step()
             opt.zero_grad()
 
-        for t in range(3):  # warm-up; DDP rebuilds its buckets after the first iteration
-            for name in runs:
-                one_step(name, t)
-        times = {name: [] for name in runs}
-        for t in range(3, 3 + args.steps):
-            for name in runs:
-                accelerator.wait_for_everyone()
-                start = time.perf_counter()
-                one_step(name, t)
-                times[name].append(time.perf_counter() - start)
+        # (the warm-up covers DDP rebuilding its buckets after the first iteration)
+        times = interleaved_times(one_step, runs, args.steps)
         collectives = {name: count_collectives(lambda: one_step(name, 99)) for name in runs}
         numel = sum(p.numel() for p in runs["sgd"][0].parameters())
         res = {"numel": numel}

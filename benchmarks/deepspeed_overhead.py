@@ -25,14 +25,13 @@ import os
 import shutil
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from _multiprocess import free_port, report, run_ranks  # noqa: E402
+from _multiprocess import free_port, interleaved_times, report, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 
 STAGES = (0, 1, 2, 3)
@@ -92,20 +91,8 @@ def worker(args) -> None:
             engine.backward(nn.functional.cross_entropy(engine(x).float(), y))
             engine.step()
 
-        for t in range(3):  # warm-up; ZeRO-3 traces its first iterations
-            for name in engines:
-                one_step(name, t)
-        times = {name: [] for name in engines}
-        for t in range(3, 3 + args.steps):
-            for name in engines:
-                dist.barrier()
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                one_step(name, t)
-                if cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+        # (the warm-up covers ZeRO-3 tracing its first iterations)
+        times = interleaved_times(one_step, engines, args.steps, cuda=cuda)
         numel = sum(getattr(p, "ds_numel", p.numel())
                     for p in engines["sgd"][0].module.parameters())  # fmt: skip
         res = {"numel": numel}

@@ -26,14 +26,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from _multiprocess import free_port, report, run_ranks  # noqa: E402
+from _multiprocess import free_port, interleaved_times, report, run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 
 DTYPES = ("fp32", "bf16")
@@ -97,20 +96,8 @@ def worker(args) -> None:
             nn.functional.cross_entropy(model(x).float(), y).backward()
             opt.step()
 
-        for t in range(3):  # warm-up (FSDP2's lazy initialisation in the first forward)
-            for name in models:
-                one_step(name, t)
-        times = {name: [] for name in models}
-        for t in range(3, 3 + args.steps):
-            for name in models:
-                dist.barrier()
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                one_step(name, t)
-                if cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+        # (the warm-up covers FSDP2's lazy initialisation in the first forward)
+        times = interleaved_times(one_step, models, args.steps, cuda=cuda)
         model = models["sgd"][0]
         res = {"numel": sum(p.numel() for p in model.parameters()),
                "local_numel": sum(p.to_local().numel() for p in model.parameters())}
