@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-from launch import free_port, load_results, run
+from launch import accelerate_cmd, free_port, load_results, run
 
 pytestmark = pytest.mark.slow
 
@@ -183,6 +183,79 @@ def test_refusals_name_the_fix(results):
         assert e["attach_after_no_grad_forward"] == "ok"
 
 
+# ------------------------------------------------------------------ accelerate's FSDP2 plugin
+ACCELERATE_WORKER = "tests/distributed/accelerate_fsdp2_worker.py"
+
+
+@pytest.fixture(scope="module")
+def accelerate_results(tmp_path_factory):
+    """One `accelerate launch` with accelerate_configs/fsdp2_bf16.yaml on 2 CPU ranks. On CPU
+    accelerate falls back to DDP; the worker forces the FSDP2 plugin built from the yaml
+    (DESIGN.md's workaround, both shared states) so that prepare applies fully_shard."""
+    out = tmp_path_factory.mktemp("accelerate_fsdp2")
+    run([accelerate_cmd("fsdp2_bf16.yaml", "--num_processes", "2", "--main_process_port",
+                        str(free_port()), ACCELERATE_WORKER, "--out", str(out))], timeout=300)
+    ranks = load_results(str(out), "accelerate_fsdp2", 2)
+    for r in ranks:
+        for check, value in r.items():
+            assert not (isinstance(value, dict) and "error" in value), f"{check}:\n{value['error']}"
+    return ranks
+
+
+def test_prepare_attaches_the_fsdp2_adapter(accelerate_results):
+    """extrap_accel.prepare under the FSDP2 plugin: accelerate's fully_shard (per block from the
+    yaml's TRANSFORMER_BASED_WRAP and _no_split_modules, and the root), bf16 param_dtype from
+    mixed_precision, then the adapter on the prepared model: x̃ ≠ x after a step."""
+    for r in accelerate_results:
+        assert r["world_size"] == 2 and r["mixed_precision"] == "bf16"
+        e = r["prepare"]
+        assert e["adapter"] == "FSDP2Extrapolation" and e["fsdp_units"] == 3
+        assert e["params_are_dtensors"] and e["displaced"]
+        assert e["param_dtype"] == "torch.bfloat16"
+        assert e["state_dict_type"] == "StateDictType.SHARDED_STATE_DICT"
+
+
+@pytest.mark.parametrize("check, model_file", [("resume", "pytorch_model_fsdp_0"),
+                                               ("resume_full", "pytorch_model_fsdp.bin")])
+def test_save_state_load_state_resume_is_bit_identical(accelerate_results, check, model_file):
+    """accelerator.save_state / load_state (SHARDED_STATE_DICT: DCP; FULL_STATE_DICT: rank 0's
+    files) with each rank's extrap_accel_rank<r>.pt: a run from other weights continues bit
+    for bit on every rank (shards of x̃ and anchors, 3 steps)."""
+    for r in accelerate_results:
+        e = r[check]
+        assert e["bit_identical"] and e["local_file"]
+        assert model_file in e["files"]
+        assert {"extrap_accel_rank0.pt", "extrap_accel_rank1.pt"} <= set(e["files"])
+
+
+def test_load_state_without_local_files_restarts_from_the_anchor(accelerate_results):
+    for r in accelerate_results:
+        e = r["resume_without_local_files"]
+        assert e["warned"] and e["at_anchor"]
+
+
+def test_get_state_dict_and_save_model_hold_the_anchor(accelerate_results):
+    """get_state_dict and save_model (safetensors and pytorch_model.bin; rank 0 writes) hold
+    the anchor; the shards keep x̃."""
+    for rank, r in enumerate(accelerate_results):
+        e = r["saving"]
+        assert e["displaced"] and e["params_still_points"]
+        if rank == 0:
+            assert e["get_state_dict_is_anchor"]
+            assert e["save_model_is_anchor"] and e["save_model_bin_is_anchor"]
+
+
+def test_i1_through_accelerate_fsdp2(accelerate_results):
+    """extrap_scale=0 via extrap_accel.prepare equals torch SGD via accelerator.prepare."""
+    for r in accelerate_results:
+        assert r["i1"]["bit_identical"]
+
+
+def test_accelerate_fsdp1_is_refused_in_a_launch(accelerate_results):
+    for r in accelerate_results:
+        assert "fsdp_version: 2" in r["fsdp1"]
+
+
 # ------------------------------------------------------------------ without a launch
 def test_support_table():
     from extrap_accel.optim import VARIANTS
@@ -207,13 +280,15 @@ def test_fsdp1_is_refused_naming_fsdp2():
         extrap_accel.attach(model, extrap_accel.ExtrapSGD(model.parameters(), lr=0.1))
 
 
-def test_accelerate_fsdp_plugin_is_refused_naming_attach():
+def test_accelerate_fsdp1_plugin_is_refused_naming_fsdp_version_2():
     from accelerate.utils import DistributedType
 
     import extrap_accel
 
-    accelerator = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
-    with pytest.raises(NotImplementedError, match=r"attach\(model, optimizer\)"):
+    accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
         extrap_accel.prepare(accelerator)
 
 
