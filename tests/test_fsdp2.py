@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-from launch import accelerate_cmd, free_port, load_results, run
+from launch import CONFIGS, accelerate_cmd, free_port, load_results, run
 
 pytestmark = pytest.mark.slow
 
@@ -254,6 +254,35 @@ def test_i1_through_accelerate_fsdp2(accelerate_results):
 def test_accelerate_fsdp1_is_refused_in_a_launch(accelerate_results):
     for r in accelerate_results:
         assert "fsdp_version: 2" in r["fsdp1"]
+
+
+@pytest.mark.parametrize("name, machines, processes", [("fsdp2_bf16.yaml", 1, 8),
+                                                        ("fsdp2_bf16_multinode.yaml", 2, 16)])
+def test_fsdp2_accelerate_configs(name, machines, processes):
+    """The FSDP2 configs have what `accelerate launch` needs for FSDP2 with bf16, and accelerate
+    reads them (its own config class loads each one)."""
+    import os
+
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = os.path.join(CONFIGS, name)
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["distributed_type"] == "FSDP"
+    assert cfg["fsdp_config"]["fsdp_version"] == 2
+    assert cfg["mixed_precision"] == "bf16"
+    assert cfg["num_machines"] == machines and cfg["num_processes"] == processes
+    assert cfg["fsdp_config"]["fsdp_state_dict_type"] in ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+    assert cfg["fsdp_config"]["fsdp_auto_wrap_policy"] in (
+        "TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
+    if machines > 1:
+        assert {"main_process_ip", "main_process_port", "machine_rank"} <= set(cfg)
+    loaded = ClusterConfig.from_yaml_file(path)
+    assert loaded.fsdp_config["fsdp_version"] == 2 and loaded.num_machines == machines
+    with open(path) as f:  # commented line by line, like the other configs
+        lines = [ln for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    assert all("#" in ln for ln in lines if ln.startswith("  ")), "fsdp_config lines need comments"
 
 
 # ------------------------------------------------------------------ without a launch
