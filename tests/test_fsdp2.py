@@ -257,6 +257,30 @@ def test_accelerate_fsdp1_is_refused_in_a_launch(accelerate_results):
         assert "fsdp_version: 2" in r["fsdp1"]
 
 
+@pytest.fixture(scope="module")
+def multinode_results(tmp_path_factory):
+    """accelerate_configs/fsdp2_bf16_multinode.yaml: two launches (machine_rank 0 and 1, one
+    process each) on 127.0.0.1, FSDP2 forced as above; the prepare, resume and I1 checks."""
+    out = tmp_path_factory.mktemp("accelerate_fsdp2_multinode")
+    port = str(free_port())
+    run([accelerate_cmd("fsdp2_bf16_multinode.yaml", "--machine_rank", str(rank),
+                        "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                        "--main_process_port", port, ACCELERATE_WORKER, "--out", str(out),
+                        "--checks", "prepare,resume,i1", "--name", "multinode")
+         for rank in (0, 1)], timeout=300)  # fmt: skip
+    return load_results(str(out), "multinode", 2)
+
+
+def test_fsdp2_multinode_config_runs(multinode_results):
+    for r in multinode_results:
+        assert r["world_size"] == 2 and r["mixed_precision"] == "bf16"
+        for check in ("prepare", "resume", "i1"):
+            assert "error" not in r[check], r[check]["error"]
+        assert r["prepare"]["adapter"] == "FSDP2Extrapolation" and r["prepare"]["displaced"]
+        assert r["resume"]["bit_identical"] and r["resume_without_local_files"]["warned"]
+        assert r["i1"]["bit_identical"]
+
+
 @pytest.mark.parametrize("name, machines, processes", [("fsdp2_bf16.yaml", 1, 8),
                                                         ("fsdp2_bf16_multinode.yaml", 2, 16)])
 def test_fsdp2_accelerate_configs(name, machines, processes):

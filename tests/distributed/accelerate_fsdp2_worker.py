@@ -259,6 +259,8 @@ def check_refusals(results):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--checks", default=None, help="comma-separated subset (default: all)")
+    parser.add_argument("--name", default="accelerate_fsdp2", help="the results' file prefix")
     args = parser.parse_args()
     acc = new_accelerator()
     results: dict = {"world_size": acc.num_processes, "mixed_precision": acc.mixed_precision}
@@ -274,6 +276,8 @@ def main() -> None:
         ("i1", check_i1),
         ("refusals", check_refusals),
     ]
+    if args.checks:
+        checks = [(n, c) for n, c in checks if n in args.checks.split(",")]
     for name, check in checks:
         try:
             check(results)
@@ -282,7 +286,7 @@ def main() -> None:
             print(results[name]["error"], file=sys.stderr, flush=True)  # (a hang follows)
         dist.barrier()
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"accelerate_fsdp2_rank{acc.process_index}.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}_rank{acc.process_index}.json"), "w") as f:
         json.dump(results, f, indent=1)
     dist.barrier()
     if acc.is_main_process:
