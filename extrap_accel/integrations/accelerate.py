@@ -22,7 +22,9 @@ def prepare(accelerator, *objects: Any) -> Any:
     parameters (no-grad forwards, ``save_model``, ``get_state_dict`` and ``save_state`` see the
     anchor), hand it accelerate's GradScaler (fp16), and save/restore its per-rank state
     (x̃, local moments, noise generators) on every rank in ``save_state``/``load_state``.
-    Returns what ``accelerator.prepare`` returns.
+    Under accelerate's FSDP2 plugin (``fsdp_version: 2``) the prepared model is a ``fully_shard``
+    module and gets the FSDP2 adapter (``extrap_accel.integrations.fsdp2``); accelerate's FSDP1
+    plugin is refused. Returns what ``accelerator.prepare`` returns.
     """
     from accelerate.utils import DistributedType
 
