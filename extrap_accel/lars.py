@@ -48,6 +48,12 @@ class LARS:
                 "would never run (and ZeRO shards the per-tensor norms it needs). Use DDP for "
                 "LARS (accelerate launch without a DeepSpeed config)"
             )
+        if any(any(c.__name__ == "DTensor" for c in type(p).__mro__)
+               for g in self.optimizer.param_groups for p in g["params"]):  # fmt: skip
+            raise NotImplementedError(
+                "LARS under FSDP2: its trust ratios need whole tensors (‖W‖, ‖g‖), and each rank "
+                "holds a shard; use LARS with DDP"
+            )
         self.trust_coefficient = trust_coefficient
         self.clip = clip
         self.eps = eps

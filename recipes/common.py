@@ -38,6 +38,8 @@ Optimizers and schedules (pure functions of the step)
 Accelerate glue
     make_accelerator(args, **accelerator_kwargs) -> accelerate.Accelerator
     wrap_lars(args, optimizer) -> optimizer   extrap_accel.LARS on the prepared optimizer (--lars)
+    check_fsdp(accelerator, args)          accelerate's FSDP plugin: FSDP2 only, refused options
+    broadcast_buffers(accelerator, model)  FSDP2: buffers from rank 0 (as DDP; before training forwards and saves)
     enable_post_local_sgd(accelerator, model, optimizer, args, step) -> PostLocalSGD | None
     train_step(optimizer, forward_backward, *, clip=None, meter=None) -> loss
     TrainState                             the step counter in every checkpoint
@@ -664,8 +666,63 @@ def make_accelerator(args: TrainingArguments, **kwargs):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         deepspeed_gradient_clipping(plugin.deepspeed_config, args.max_grad_norm)
+    check_fsdp(accelerator, args)
     set_seed(args.seed)  # the same initial model on every rank
     return accelerator
+
+
+def is_fsdp(accelerator) -> bool:
+    """accelerate's FSDP plugin is in use (only FSDP2, fsdp_version: 2, gets past make_accelerator)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_fsdp(accelerator, args: TrainingArguments) -> None:
+    """Under accelerate's FSDP plugin: FSDP2 only, and none of the options that need whole
+    tensors or DDP (extrap_accel.prepare attaches the FSDP2 adapter; README, "FSDP2")."""
+    if not is_fsdp(accelerator):
+        return
+    version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ConfigError(
+            "the recipes support accelerate's FSDP plugin with fsdp_version: 2 (FSDP2, "
+            "fully_shard) only: use accelerate_configs/fsdp2_bf16.yaml or set fsdp_version: 2"
+        )
+    refused = [(args.post_local_from is not None, "--post_local_from (post-local SGD is a DDP "
+                "communication hook)"),
+               (args.lars, "--lars (LARS needs each tensor's whole norm; FSDP2 holds shards)"),
+               (args.log_smoothness, "--log_smoothness (it concatenates whole gradients and "
+                "points; FSDP2 holds shards)")]  # fmt: skip
+    for on, what in refused:
+        if on:
+            raise ConfigError(f"{what} is not supported under FSDP2: remove it, or use DDP "
+                              "(accelerate_configs/multi_gpu.yaml)")
+
+
+def broadcast_buffers(accelerator, model) -> None:
+    """Under FSDP2, every buffer (BatchNorm's running statistics) from rank 0, as DDP does before
+    each training forward (broadcast_buffers=True). FSDP2 leaves buffers to each rank and its
+    checkpoints keep one rank's copy; this keeps the ranks alike, so a resume is exact. One
+    broadcast per buffer; nothing without buffers or under other backends."""
+    if not is_fsdp(accelerator) or accelerator.num_processes < 2:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _broadcast_buffers_before_training_forwards(accelerator, model) -> None:
+    if not is_fsdp(accelerator) or not any(True for _ in model.buffers()):
+        return
+
+    def hook(module, args):
+        if module.training and torch.is_grad_enabled():
+            broadcast_buffers(accelerator, module)
+
+    model.register_forward_pre_hook(hook)
 
 
 def deepspeed_gradient_clipping(config: dict[str, Any], max_grad_norm: float | None) -> None:
@@ -853,6 +910,8 @@ def save_checkpoint(accelerator, args: TrainingArguments, step: int) -> str:
     optimizer, per-rank extrapolation state, RNG, sampler and the registered TrainState; then,
     once every rank has saved, ``checkpoint_complete.json``."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
+    for model in accelerator._models:  # FSDP2: the checkpoint keeps one rank's buffers
+        broadcast_buffers(accelerator, model)
     accelerator.save_state(path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -936,6 +995,7 @@ def start_run(accelerator, args: TrainingArguments, model, optimizer, state: Tra
     moves ``state.step``), post-local SGD from that step, and the logger. Returns
     ``(meter, post_local, logger)``."""
     meter = smoothness_meter(accelerator, args, optimizer)
+    _broadcast_buffers_before_training_forwards(accelerator, model)
     baseline = _baseline_rank_state(accelerator, model, optimizer, args)
     path = resume(accelerator, args, state)
     if path is not None and baseline is not None:

@@ -464,3 +464,17 @@ def test_torch_distributed_checkpoint_state_dicts_round_trip_and_its_dummy_step_
     _steps(c, opt_c, n=2, seed=5)
     for p, q in zip(a.parameters(), c.parameters()):
         assert torch.equal(p, q) and torch.equal(opt_a.anchor(p), opt_c.anchor(q))
+
+
+def test_lars_refuses_fsdp2_shards(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match="LARS under FSDP2.*use LARS with DDP"):
+            extrap_accel.LARS(ExtrapSGD([w], lr=0.1))
+    finally:
+        dist.destroy_process_group()

@@ -9,11 +9,12 @@ with reshard_after_forward=False).
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
 
-from launch import free_port, load_results, run
+from launch import CONFIGS, accelerate_cmd, free_port, load_results, run
 
 pytestmark = pytest.mark.slow
 
@@ -183,6 +184,186 @@ def test_refusals_name_the_fix(results):
         assert e["attach_after_no_grad_forward"] == "ok"
 
 
+# ------------------------------------------------------------------ accelerate's FSDP2 plugin
+ACCELERATE_WORKER = "tests/distributed/accelerate_fsdp2_worker.py"
+
+
+@pytest.fixture(scope="module")
+def accelerate_results(tmp_path_factory):
+    """One `accelerate launch` with accelerate_configs/fsdp2_bf16.yaml on 2 CPU ranks. On CPU
+    accelerate falls back to DDP; the worker forces the FSDP2 plugin built from the yaml
+    (DESIGN.md's workaround, both shared states) so that prepare applies fully_shard."""
+    out = tmp_path_factory.mktemp("accelerate_fsdp2")
+    run([accelerate_cmd("fsdp2_bf16.yaml", "--num_processes", "2", "--main_process_port",
+                        str(free_port()), ACCELERATE_WORKER, "--out", str(out))], timeout=300)
+    ranks = load_results(str(out), "accelerate_fsdp2", 2)
+    for r in ranks:
+        for check, value in r.items():
+            assert not (isinstance(value, dict) and "error" in value), f"{check}:\n{value['error']}"
+    return ranks
+
+
+def test_prepare_attaches_the_fsdp2_adapter(accelerate_results):
+    """extrap_accel.prepare under the FSDP2 plugin: accelerate's fully_shard (per block from the
+    yaml's TRANSFORMER_BASED_WRAP and _no_split_modules, and the root), bf16 param_dtype from
+    mixed_precision, then the adapter on the prepared model: x̃ ≠ x after a step."""
+    for r in accelerate_results:
+        assert r["world_size"] == 2 and r["mixed_precision"] == "bf16"
+        e = r["prepare"]
+        assert e["adapter"] == "FSDP2Extrapolation" and e["fsdp_units"] == 3
+        assert e["params_are_dtensors"] and e["displaced"]
+        assert e["param_dtype"] == "torch.bfloat16"
+        assert e["state_dict_type"] == "StateDictType.SHARDED_STATE_DICT"
+
+
+@pytest.mark.parametrize("check, model_file", [("resume", "pytorch_model_fsdp_0"),
+                                               ("resume_full", "pytorch_model_fsdp.bin")])
+def test_save_state_load_state_resume_is_bit_identical(accelerate_results, check, model_file):
+    """accelerator.save_state / load_state (SHARDED_STATE_DICT: DCP; FULL_STATE_DICT: rank 0's
+    files) with each rank's extrap_accel_rank<r>.pt: a run from other weights continues bit
+    for bit on every rank (shards of x̃ and anchors, 3 steps)."""
+    for r in accelerate_results:
+        e = r[check]
+        assert e["bit_identical"] and e["local_file"]
+        assert model_file in e["files"]
+        assert {"extrap_accel_rank0.pt", "extrap_accel_rank1.pt"} <= set(e["files"])
+
+
+def test_load_state_without_local_files_restarts_from_the_anchor(accelerate_results):
+    for r in accelerate_results:
+        e = r["resume_without_local_files"]
+        assert e["warned"] and e["at_anchor"]
+
+
+def test_get_state_dict_and_save_model_hold_the_anchor(accelerate_results):
+    """get_state_dict and save_model (safetensors and pytorch_model.bin; rank 0 writes) hold
+    the anchor; the shards keep x̃."""
+    for rank, r in enumerate(accelerate_results):
+        e = r["saving"]
+        assert e["displaced"] and e["params_still_points"]
+        if rank == 0:
+            assert e["get_state_dict_is_anchor"]
+            assert e["save_model_is_anchor"] and e["save_model_bin_is_anchor"]
+
+
+def test_i1_through_accelerate_fsdp2(accelerate_results):
+    """extrap_scale=0 via extrap_accel.prepare equals torch SGD via accelerator.prepare."""
+    for r in accelerate_results:
+        assert r["i1"]["bit_identical"]
+
+
+def test_accelerate_fsdp1_is_refused_in_a_launch(accelerate_results):
+    for r in accelerate_results:
+        assert "fsdp_version: 2" in r["fsdp1"]
+
+
+@pytest.fixture(scope="module")
+def multinode_results(tmp_path_factory):
+    """accelerate_configs/fsdp2_bf16_multinode.yaml: two launches (machine_rank 0 and 1, one
+    process each) on 127.0.0.1, FSDP2 forced as above; the prepare, resume and I1 checks."""
+    out = tmp_path_factory.mktemp("accelerate_fsdp2_multinode")
+    port = str(free_port())
+    run([accelerate_cmd("fsdp2_bf16_multinode.yaml", "--machine_rank", str(rank),
+                        "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                        "--main_process_port", port, ACCELERATE_WORKER, "--out", str(out),
+                        "--checks", "prepare,resume,i1", "--name", "multinode")
+         for rank in (0, 1)], timeout=300)  # fmt: skip
+    return load_results(str(out), "multinode", 2)
+
+
+def test_fsdp2_multinode_config_runs(multinode_results):
+    for r in multinode_results:
+        assert r["world_size"] == 2 and r["mixed_precision"] == "bf16"
+        for check in ("prepare", "resume", "i1"):
+            assert "error" not in r[check], r[check]["error"]
+        assert r["prepare"]["adapter"] == "FSDP2Extrapolation" and r["prepare"]["displaced"]
+        assert r["resume"]["bit_identical"] and r["resume_without_local_files"]["warned"]
+        assert r["i1"]["bit_identical"]
+
+
+@pytest.mark.parametrize("name, machines, processes", [("fsdp2_bf16.yaml", 1, 8),
+                                                        ("fsdp2_bf16_multinode.yaml", 2, 16)])
+def test_fsdp2_accelerate_configs(name, machines, processes):
+    """The FSDP2 configs have what `accelerate launch` needs for FSDP2 with bf16, and accelerate
+    reads them (its own config class loads each one)."""
+    import os
+
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = os.path.join(CONFIGS, name)
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["distributed_type"] == "FSDP"
+    assert cfg["fsdp_config"]["fsdp_version"] == 2
+    assert cfg["mixed_precision"] == "bf16"
+    assert cfg["num_machines"] == machines and cfg["num_processes"] == processes
+    assert cfg["fsdp_config"]["fsdp_state_dict_type"] in ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+    assert cfg["fsdp_config"]["fsdp_auto_wrap_policy"] in (
+        "TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
+    if machines > 1:
+        assert {"main_process_ip", "main_process_port", "machine_rank"} <= set(cfg)
+    loaded = ClusterConfig.from_yaml_file(path)
+    assert loaded.fsdp_config["fsdp_version"] == 2 and loaded.num_machines == machines
+    with open(path) as f:  # commented line by line, like the other configs
+        lines = [ln for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    assert all("#" in ln for ln in lines if ln.startswith("  ")), "fsdp_config lines need comments"
+
+
+# ------------------------------------------------------------------ a recipe under FSDP2
+RECIPE_WORKER = "tests/distributed/recipe_fsdp2_worker.py"
+VISION = ["recipes/vision.py", "--width", "0.25", "--max_steps", "6", "--save_steps", "3",
+          "--logging_steps", "1", "--eval_steps", "3", "--per_device_train_batch_size", "32",
+          "--learning_rate", "0.4", "--lr_schedule", "constant", "--warmup_epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def vision_fsdp2_runs(tmp_path_factory):
+    """recipes/vision.py unchanged, with its usual flags, under accelerate_configs/fsdp2_bf16.yaml
+    on 2 CPU ranks (FSDP2 forced as above; fp32: --mixed_precision no, see the README on bf16
+    and BatchNorm on CPU): 6 steps, then a second launch resuming from checkpoint-3."""
+    full, resumed = (tmp_path_factory.mktemp(n) for n in ("vision_fsdp2", "vision_fsdp2_resumed"))
+    for out, extra in ((full, []), (resumed, ["--resume_from_checkpoint",
+                                              str(full / "checkpoint-3")])):
+        run([accelerate_cmd("fsdp2_bf16.yaml", "--num_processes", "2", "--mixed_precision", "no",
+                            "--main_process_port", str(free_port()), RECIPE_WORKER, *VISION,
+                            "--output_dir", str(out), *extra)], timeout=300)
+    return full, resumed
+
+
+def _records(output_dir):
+    import json
+
+    with open(output_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_recipe_trains_saves_and_resumes_exactly_under_fsdp2(vision_fsdp2_runs):
+    """The recipe's checkpoints are accelerate's FSDP layout (DCP shards) with every rank's
+    extrap_accel_rank<r>.pt; resuming from step 3 reproduces every logged loss and evaluation
+    and the final model (the anchor, saved by save_model) and per-rank state bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    full, resumed = vision_fsdp2_runs
+    files = set(os.listdir(full / "checkpoint-3"))
+    assert {"pytorch_model_fsdp_0", "optimizer_0", "extrap_accel_rank0.pt",
+            "extrap_accel_rank1.pt", "checkpoint_complete.json"} <= files
+    records = _records(full)
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert any("eval_accuracy" in r for r in records)
+    assert _records(resumed) == [r for r in records if r["step"] > 3]
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for rank in (0, 1):
+        name = f"checkpoint-6/extrap_accel_rank{rank}.pt"
+        la = torch.load(full / name, weights_only=True)["optimizers"][0]
+        lb = torch.load(resumed / name, weights_only=True)["optimizers"][0]
+        assert la["layout"] == "fsdp2-shard0"
+        for idx, entry in la["state"].items():
+            assert all(torch.equal(v, lb["state"][idx][k]) for k, v in entry.items())
+
+
 # ------------------------------------------------------------------ without a launch
 def test_support_table():
     from extrap_accel.optim import VARIANTS
@@ -207,13 +388,15 @@ def test_fsdp1_is_refused_naming_fsdp2():
         extrap_accel.attach(model, extrap_accel.ExtrapSGD(model.parameters(), lr=0.1))
 
 
-def test_accelerate_fsdp_plugin_is_refused_naming_attach():
+def test_accelerate_fsdp1_plugin_is_refused_naming_fsdp_version_2():
     from accelerate.utils import DistributedType
 
     import extrap_accel
 
-    accelerator = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
-    with pytest.raises(NotImplementedError, match=r"attach\(model, optimizer\)"):
+    accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
         extrap_accel.prepare(accelerator)
 
 

@@ -613,3 +613,41 @@ def test_max_grad_norm_becomes_deepspeeds_gradient_clipping():
         common.deepspeed_gradient_clipping({"gradient_clipping": 1.0}, 0.25)
     with pytest.raises(common.ConfigError, match="clips gradients at 1.0"):
         common.deepspeed_gradient_clipping({"gradient_clipping": 1.0}, None)
+
+
+# ---------------------------------------------------------------- accelerate's FSDP plugin
+def _fsdp_accelerator(version):
+    from accelerate.utils import DistributedType
+
+    return SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,
+                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+                               fsdp_version=version)))  # fmt: skip
+
+
+def test_fsdp2_accepted_with_the_same_flags():
+    common.check_fsdp(_fsdp_accelerator(2), Args())
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"post_local_from": 3}, "--post_local_from"),
+    ({"lars": True}, "--lars"),
+    ({"log_smoothness": True}, "--log_smoothness"),
+])
+def test_fsdp2_refuses_options_that_need_whole_tensors_or_ddp(flags, message):
+    with pytest.raises(common.ConfigError, match=f"{message}.*not supported under FSDP2"):
+        common.check_fsdp(_fsdp_accelerator(2), Args(**flags))
+
+
+def test_fsdp1_is_refused_naming_fsdp_version_2():
+    with pytest.raises(common.ConfigError, match="fsdp_version: 2"):
+        common.check_fsdp(_fsdp_accelerator(1), Args())
+
+
+def test_broadcast_buffers_does_nothing_outside_fsdp():
+    from accelerate.utils import DistributedType
+
+    model = nn.BatchNorm1d(3)
+    model.running_mean.fill_(2.0)
+    common.broadcast_buffers(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
+                                             num_processes=2), model)  # fmt: skip
+    assert torch.equal(model.running_mean, torch.full((3,), 2.0))

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .. import checkpoint
-from ..attach import attach
+from ..attach import _is_fsdp2_module, attach
 from ..handle import unwrap_module, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
 
@@ -22,16 +22,19 @@ def prepare(accelerator, *objects: Any) -> Any:
     parameters (no-grad forwards, ``save_model``, ``get_state_dict`` and ``save_state`` see the
     anchor), hand it accelerate's GradScaler (fp16), and save/restore its per-rank state
     (x̃, local moments, noise generators) on every rank in ``save_state``/``load_state``.
-    Returns what ``accelerator.prepare`` returns.
+    Under accelerate's FSDP2 plugin (``fsdp_version: 2``) the prepared model is a ``fully_shard``
+    module and gets the FSDP2 adapter (``extrap_accel.integrations.fsdp2``); accelerate's FSDP1
+    plugin is refused. Returns what ``accelerator.prepare`` returns.
     """
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP:
+    fsdp2 = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp2 and _fsdp_version(accelerator) != 2:
         raise NotImplementedError(
-            "extrap_accel.prepare does not support accelerate's FSDP plugin yet: apply FSDP2 "
-            "yourself (torch.distributed.fsdp.fully_shard) and call "
-            "extrap_accel.attach(model, optimizer) with the optimizer built on its parameters; "
-            "or use DDP (MULTI_GPU) or DeepSpeed with extrap_accel.prepare"
+            "extrap_accel.prepare does not support accelerate's FSDP1 plugin (flat parameters "
+            "lose the tensor boundaries): set fsdp_version: 2 in the accelerate config "
+            "(FSDP2, fully_shard), or apply fully_shard yourself and call "
+            "extrap_accel.attach(model, optimizer); or use DDP (MULTI_GPU) or DeepSpeed"
         )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
@@ -69,7 +72,7 @@ def prepare(accelerator, *objects: Any) -> Any:
                 "extrap_accel.prepare: pass the model together with its optimizer "
                 "(prepare(accelerator, model, optimizer, ...)) so the model can be attached"
             )
-        attach(model, optimizer)
+        attach(model, optimizer)  # (a fully_shard model: the FSDP2 adapter)
         if accelerator.scaler is not None:
             optimizer.set_grad_scaler(accelerator.scaler)
         if optimizer not in registry:
@@ -77,15 +80,23 @@ def prepare(accelerator, *objects: Any) -> Any:
     return prepared
 
 
+def _fsdp_version(accelerator) -> int:
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+
 def _model_of(optimizer: ExtrapOptimizer, models: list[nn.Module]) -> nn.Module | None:
     params = {p for g in optimizer.param_groups for p in g["params"]}
     for model in models:
-        if any(p in params for p in unwrap_module(model).parameters()):
+        module = model if _is_fsdp2_module(model) else unwrap_module(model)
+        if any(p in params for p in module.parameters()):
             return model
     return None
 
 
 def _register_checkpoint_hooks(accelerator, registry: list[ExtrapOptimizer]) -> None:
+    from accelerate.utils import DistributedType
+
     def save_hook(models, weights, output_dir):
         if registry:  # (under DeepSpeed the engine adapter saves instead)
             checkpoint.save(output_dir, registry, accelerator.process_index)
@@ -93,18 +104,27 @@ def _register_checkpoint_hooks(accelerator, registry: list[ExtrapOptimizer]) -> 
     def load_hook(models, input_dir):
         if not registry:
             return
-        # Runs on every rank before accelerate loads the optimizers: each one applies its
-        # staged local state right after its load_state_dict.
+        # Runs on every rank. DDP and one process: before accelerate loads the optimizers,
+        # so each one applies its staged local state right after its load_state_dict. FSDP:
+        # after accelerate loaded the sharded model and optimizer state (load_state calls
+        # load_fsdp_model and load_fsdp_optimizer before the hooks), so it is applied now.
+        loaded = accelerator.distributed_type == DistributedType.FSDP
         states = checkpoint.read(input_dir, accelerator.process_index, len(registry))
         if states is not None and len(states) != len(registry):
             raise ValueError(
                 f"{checkpoint.path(input_dir, accelerator.process_index)} holds the state of "
                 f"{len(states)} extrap_accel optimizers, but {len(registry)} were prepared"
             )
-        # one process: the optimizer's own state dict already holds x̃ and its local state
-        decision = checkpoint.agree(states, input_dir, optional=accelerator.num_processes == 1)
+        # one process without FSDP: the optimizer's own state dict already holds x̃ and its
+        # local state (accelerate saves an FSDP optimizer through DCP: the files are needed)
+        optional = accelerator.num_processes == 1 and not loaded
+        decision = checkpoint.agree(states, input_dir, optional=optional)
         for i, optimizer in enumerate(registry):
-            if decision == "load":
+            if loaded and decision == "load":
+                optimizer.load_local_state_dict(states[i])
+            elif loaded and decision == "restart":
+                optimizer.reset_local_state(warn=False)
+            elif decision == "load":
                 optimizer.stage_local_state(states[i])
             elif decision == "restart":
                 optimizer.stage_local_state(None, restart=True)

@@ -49,7 +49,7 @@ from .. import _dist, checkpoint
 from ..capture import CaptureMode
 from ..handle import AttachHandle, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
-from ..optim.core import ANCHOR, Core
+from ..optim.core import Core
 from ..optim.registry import variant_info
 
 LAYOUT = "fsdp2-shard0"
