@@ -24,7 +24,8 @@ once both targets are reached, at its step cap, or when it diverges.
 Tuning, at each rung K (seed 0): γ on a grid around linear scaling, γ = K·γ₀·{1/4, 1/2, 1, 2}
 (γ₀ per study and method, ``STUDIES``), extended by ×2 (or ×½) up to MAX_EXTEND = 3 times while
 the best point is on the edge of the grid (extrap methods with c = 1); then, at that γ, c on the
-study's grid for the extrap methods. "Best" = fewest steps to the training target (ties: lower
+study's grid for the extrap methods, extended the same way while the edge value is strictly better
+than its neighbour. "Best" = fewest steps to the training target (ties: lower
 training-subset loss at the end of the run); runs that do not reach it rank after those that do
 (by final loss), diverged runs last. The selected point is also trained with the other seeds
 (data order, initialization and the extrapolation generators change with the seed; at one seed
@@ -92,7 +93,7 @@ _LR0 = {"sgd": 0.2, "nesterov": 0.02, "extrap_sgd": 0.02, "extrap_sgd_stochastic
 # "main" is the study of docs/scaling.md; "early" is the first, easier target (run first, kept: a
 # second data point on how the target moves the scaling limit); "quick" is for the tests.
 STUDIES = {
-    "main": {"rungs": [1, 2, 4, 8, 16, 32], "seeds": [0, 1, 2], "train_target": 2.30, "val_target": 2.35,
+    "main": {"rungs": [1, 2, 4, 8, 16, 32, 64], "seeds": [0, 1, 2, 3, 4], "train_target": 2.30, "val_target": 2.35,
              "cap_samples": 120_000, "min_cap": 150, "lr0": _LR0, "scales": [0.5, 1.0, 2.0, 4.0, 8.0]},
     "early": {"rungs": [1, 2, 4, 8, 16, 32], "seeds": [0, 1, 2], "train_target": 2.90, "val_target": 2.98,
               "cap_samples": 40_000, "min_cap": 150, "lr0": {m: 4 * v for m, v in _LR0.items()},
@@ -367,17 +368,35 @@ def study(args, cfg: dict, log) -> dict:
         best = min(range(len(grid)), key=lambda i: rank(runs[i]))
         edge = "" if len(grid) < 2 or 0 < best < len(grid) - 1 else ("low" if best == 0 else "high")
         chosen[(m, K)] = {"lr": grid[best], "c": knob[m], "lr_edge": edge, "lr_grid": grid}
-    # stage 2: the extrapolation knob at the selected γ
-    specs = [spec(m, K, chosen[(m, K)]["lr"], c, seeds[0]) for (m, K) in cells if METHODS[m][2]
-             for c in scales]  # fmt: skip
-    results.update(run_all(specs, args.jobs, log))
-    for (m, K) in cells:
-        if METHODS[m][2]:
-            lr = chosen[(m, K)]["lr"]
-            best = min(scales, key=lambda c: rank(results[spec(m, K, lr, c, seeds[0])["id"]]))
-            chosen[(m, K)]["c"] = best
-            chosen[(m, K)]["c_edge"] = ("" if len(scales) < 2 or best not in (scales[0], scales[-1])
-                                        else ("low" if best == scales[0] else "high"))  # fmt: skip
+    # stage 2: the extrapolation knob at the selected γ, extended (×2 or ×½) while the edge value
+    # is strictly better than its neighbour (a tie, e.g. c has no effect at K = 1, extends nothing)
+    knobs = {cell: list(scales) for cell in cells if METHODS[cell[0]][2]}
+    for round_ in range(max_extend + 1):
+        specs = [spec(m, K, chosen[(m, K)]["lr"], c, seeds[0]) for (m, K) in knobs for c in knobs[(m, K)]]
+        results.update(run_all(specs, args.jobs, log))
+        grown = False
+        for (m, K), grid in knobs.items():
+            grid = sorted(grid)
+            ranks = [rank(results[spec(m, K, chosen[(m, K)]["lr"], c, seeds[0])["id"]]) for c in grid]
+            best = min(range(len(grid)), key=lambda i: ranks[i])
+            if round_ == max_extend or len(grid) < 2:
+                continue
+            if best == len(grid) - 1 and ranks[-1] < ranks[-2]:
+                knobs[(m, K)] = grid + [grid[-1] * 2]
+                grown = True
+            elif best == 0 and ranks[0] < ranks[1]:
+                knobs[(m, K)] = [grid[0] / 2] + grid
+                grown = True
+        if not grown:
+            break
+    for (m, K), grid in knobs.items():
+        grid = sorted(grid)
+        ranks = [rank(results[spec(m, K, chosen[(m, K)]["lr"], c, seeds[0])["id"]]) for c in grid]
+        best = min(range(len(grid)), key=lambda i: ranks[i])
+        chosen[(m, K)]["c"] = grid[best]
+        chosen[(m, K)]["c_grid"] = grid
+        chosen[(m, K)]["c_edge"] = ("" if len(grid) < 2 or 0 < best < len(grid) - 1
+                                    else ("low" if best == 0 else "high"))  # fmt: skip
     # stage 3: the other seeds at the selected point
     specs = [spec(m, K, chosen[(m, K)]["lr"], chosen[(m, K)]["c"], s) for (m, K) in cells
              for s in seeds]  # fmt: skip
@@ -439,15 +458,31 @@ def markdown(res: dict, cfg: dict, args, methods: list[str]) -> str:
             base = cfg["rungs"][0]
             cells.append("—" if s1 is None or sk is None else f"{s1 * base / (K * sk):.2f}")
         lines.append(f"| {K} | " + " | ".join(cells) + " |")
+    if "nesterov" in methods:
+        lines += ["", "### Paired with Nesterov at the same seed (same initialization and batches): "
+                  "steps(method) / steps(nesterov), training target, mean ± std over seeds "
+                  "(< 1: fewer steps than Nesterov)", "",
+                  "| K | " + " | ".join(m for m in methods if m != "nesterov") + " |",
+                  "|---|" + "---|" * (len(methods) - 1)]  # fmt: skip
+        for K in cfg["rungs"]:
+            ref = rows[f"nesterov|{K}"]["train_steps_by_seed"]
+            cells = []
+            for m in methods:
+                if m != "nesterov":
+                    own = rows[f"{m}|{K}"]["train_steps_by_seed"]
+                    ratios = [a / b for a, b in zip(own, ref) if a is not None and b is not None]
+                    cells.append(_ms(mean_std(ratios), 2) + f" ({len(ratios)})")
+            lines.append(f"| {K} | " + " | ".join(cells) + " |")
     lines += ["", "### Selected points (tuned on seed 0 for the training target)", "",
-              "| method | K | γ | γ / (K·γ₀) | LR grid tried | LR on edge | extrap_scale c | c on edge |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| method | K | γ | γ / (K·γ₀) | LR grid tried | LR on edge | extrap_scale c | c grid tried | c on edge |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for m in methods:
         for K in cfg["rungs"]:
             row = rows[f"{m}|{K}"]
             grid = ", ".join(f"{x:.4g}" for x in row["lr_grid"])
             lines.append(f"| {m} | {K} | {row['lr']:.4g} | {row['lr_over_linear']:.3g} | {grid} "
                          f"| {row['lr_edge'] or 'interior'} | {_c(row['c'])} "
+                         f"| {', '.join(_c(c) for c in row.get('c_grid', [])) or '—'} "
                          f"| {'—' if row['c'] is None else (row.get('c_edge') or 'interior')} |")
     lines += ["", "<details><summary>Every run (steps to the training / validation target, "
               "status, final anchor losses)</summary>", "",
@@ -475,7 +510,11 @@ def plot(res: dict, cfg: dict, methods: list[str], path: str) -> str:
         for i, m in enumerate(methods):
             pts = [(rows[f"{m}|{K}"]["B"] * (1 + 0.03 * (i - 1.5)), rows[f"{m}|{K}"][split])
                    for K in cfg["rungs"] if rows[f"{m}|{K}"][split][0] is not None]  # fmt: skip
-            if pts:
+            if pts:  # open markers: the mean of the seeds that reached the target, not all did
+                full = [rows[f"{m}|{K}"][split][2] == len(cfg["seeds"]) for K in cfg["rungs"]
+                        if rows[f"{m}|{K}"][split][0] is not None]  # fmt: skip
+                ax.scatter([p[0] for p, f in zip(pts, full) if not f], [p[1][0] for p, f in zip(pts, full) if not f],
+                           s=60, facecolors="none", edgecolors="k", zorder=3)  # fmt: skip
                 ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
                             marker="o", ms=4, capsize=3, label=m)  # fmt: skip
         ref = rows.get(f"nesterov|{cfg['rungs'][0]}", rows[f"{methods[0]}|{cfg['rungs'][0]}"])
@@ -488,7 +527,7 @@ def plot(res: dict, cfg: dict, methods: list[str], path: str) -> str:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(f"global batch B = K·{LOCAL_BATCH}")
-        ax.set_ylabel("steps to target (mean ± std over seeds)")
+        ax.set_ylabel("steps to target (mean ± std over seeds;\ncircled: not every seed reached it)")
         ax.set_title(f"anchor {'training' if split == 'train' else 'validation'}-subset loss ≤ "
                      f"{cfg[split + '_target']}")  # fmt: skip
         ax.legend(fontsize=7)
@@ -506,8 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="main (docs/scaling.md), early (an easier target), quick")
     parser.add_argument("--output_dir", default=os.path.join("outputs", "batch_scaling"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--rungs", nargs="+", type=int, default=None, help="the K ladder (default 1 2 4 8 16 32)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2; the first tunes")
+    parser.add_argument("--rungs", nargs="+", type=int, default=None, help="the K ladder (default: the study's)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the study's (main: 0..4); the first tunes")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs trained in parallel, one thread each")  # fmt: skip
     args = parser.parse_args(argv)
