@@ -93,14 +93,37 @@ _LR0 = {"sgd": 0.2, "nesterov": 0.02, "extrap_sgd": 0.02, "extrap_sgd_stochastic
 # "main" is the study of docs/scaling.md; "early" is the first, easier target (run first, kept: a
 # second data point on how the target moves the scaling limit); "quick" is for the tests.
 STUDIES = {
-    "main": {"rungs": [1, 2, 4, 8, 16, 32, 64], "seeds": [0, 1, 2, 3, 4], "train_target": 2.30, "val_target": 2.35,
-             "cap_samples": 120_000, "min_cap": 150, "lr0": _LR0, "scales": [0.5, 1.0, 2.0, 4.0, 8.0]},
-    "early": {"rungs": [1, 2, 4, 8, 16, 32], "seeds": [0, 1, 2], "train_target": 2.90, "val_target": 2.98,
-              "cap_samples": 40_000, "min_cap": 150, "lr0": {m: 4 * v for m, v in _LR0.items()},
-              "scales": [0.5, 1.0, 2.0, 4.0]},
-    "quick": {"rungs": [1, 2], "seeds": [0], "train_target": 3.60, "val_target": 3.70,
-              "cap_samples": 960, "min_cap": 40, "lr0": {m: 4 * v for m, v in _LR0.items()}, "scales": [1.0]},
-}  # fmt: skip
+    "main": {
+        "rungs": [1, 2, 4, 8, 16, 32, 64],
+        "seeds": [0, 1, 2, 3, 4],
+        "train_target": 2.30,
+        "val_target": 2.35,
+        "cap_samples": 120_000,
+        "min_cap": 150,
+        "lr0": _LR0,
+        "scales": [0.5, 1.0, 2.0, 4.0, 8.0],
+    },
+    "early": {
+        "rungs": [1, 2, 4, 8, 16, 32],
+        "seeds": [0, 1, 2],
+        "train_target": 2.90,
+        "val_target": 2.98,
+        "cap_samples": 40_000,
+        "min_cap": 150,
+        "lr0": {m: 4 * v for m, v in _LR0.items()},
+        "scales": [0.5, 1.0, 2.0, 4.0],
+    },
+    "quick": {
+        "rungs": [1, 2],
+        "seeds": [0],
+        "train_target": 3.60,
+        "val_target": 3.70,
+        "cap_samples": 960,
+        "min_cap": 40,
+        "lr0": {m: 4 * v for m, v in _LR0.items()},
+        "scales": [1.0],
+    },
+}
 FULL, QUICK = STUDIES["main"], STUDIES["quick"]
 
 
@@ -115,9 +138,22 @@ def eval_every(K: int, cfg: dict) -> int:
 
 def config_tag(cfg: dict) -> str:
     """A hash of everything a cached run depends on (so a changed setup never reuses a run)."""
-    blob = json.dumps([CONTEXT, EMBED, HIDDEN, LOCAL_BATCH, WARMUP, EVAL_EXAMPLES, SPLIT_SEED,
-                       VAL_FRACTION, cfg["train_target"], cfg["val_target"], cfg["cap_samples"],
-                       cfg["min_cap"]])  # fmt: skip
+    blob = json.dumps(
+        [
+            CONTEXT,
+            EMBED,
+            HIDDEN,
+            LOCAL_BATCH,
+            WARMUP,
+            EVAL_EXAMPLES,
+            SPLIT_SEED,
+            VAL_FRACTION,
+            cfg["train_target"],
+            cfg["val_target"],
+            cfg["cap_samples"],
+            cfg["min_cap"],
+        ]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -134,8 +170,9 @@ def stdlib_files() -> tuple[str, list[tuple[str, int]]]:
     root = sysconfig.get_paths()["stdlib"]
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in ("site-packages", "dist-packages", "__pycache__"))  # fmt: skip
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
         for name in filenames:
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
@@ -153,15 +190,20 @@ def manifest() -> dict:
     val = set(shuffled[: round(VAL_FRACTION * len(names))])
     listing = "".join(f"{f}\t{s}\t{'val' if f in val else 'train'}\n" for f, s in files)
     return {
-        "python": platform.python_version(), "implementation": platform.python_implementation(),
-        "stdlib": root, "split_seed": SPLIT_SEED, "val_fraction": VAL_FRACTION,
-        "files": len(files), "bytes": sum(s for _, s in files),
-        "train_files": len(files) - len(val), "val_files": len(val),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "stdlib": root,
+        "split_seed": SPLIT_SEED,
+        "val_fraction": VAL_FRACTION,
+        "files": len(files),
+        "bytes": sum(s for _, s in files),
+        "train_files": len(files) - len(val),
+        "val_files": len(val),
         "train_bytes": sum(s for f, s in files if f not in val),
         "val_bytes": sum(s for f, s in files if f in val),
         "sha256": hashlib.sha256(listing.encode()).hexdigest(),
         "listing": [[f, s, "val" if f in val else "train"] for f, s in files],
-    }  # fmt: skip
+    }
 
 
 _DATA: dict = {}
@@ -261,12 +303,25 @@ def train_one(spec: dict) -> dict:
                 status = "reached"
                 break
     seconds = time.perf_counter() - start
-    result = {"id": spec["id"], "method": method, "K": K, "B": K * LOCAL_BATCH, "lr": lr, "c": c,
-              "seed": seed, "cap": cap, "eval_every": every, "status": status,
-              "steps_to_train": reached["train"], "steps_to_val": reached["val"],
-              "steps_run": evals[-1][0] if status != "diverged" else step,
-              "final_train": evals[-1][1], "final_val": evals[-1][2],
-              "evals": evals, "seconds": seconds}  # fmt: skip
+    result = {
+        "id": spec["id"],
+        "method": method,
+        "K": K,
+        "B": K * LOCAL_BATCH,
+        "lr": lr,
+        "c": c,
+        "seed": seed,
+        "cap": cap,
+        "eval_every": every,
+        "status": status,
+        "steps_to_train": reached["train"],
+        "steps_to_val": reached["val"],
+        "steps_run": evals[-1][0] if status != "diverged" else step,
+        "final_train": evals[-1][1],
+        "final_val": evals[-1][2],
+        "evals": evals,
+        "seconds": seconds,
+    }
     for key in ("final_train", "final_val"):
         if not math.isfinite(result[key]):
             result[key] = None
@@ -300,8 +355,10 @@ def run_all(specs: list[dict], jobs: int, log) -> dict[str, dict]:
         done = pool.map(train_one, todo)
     for i, r in enumerate(done, 1):
         results[r["id"]] = r
-        log(f"[{i}/{len(todo)}] {r['id']}: {r['status']}, train target at {r['steps_to_train']}, "
-            f"val at {r['steps_to_val']}, {r['seconds']:.1f} s")
+        log(
+            f"[{i}/{len(todo)}] {r['id']}: {r['status']}, train target at {r['steps_to_train']}, "
+            f"val at {r['steps_to_val']}, {r['seconds']:.1f} s"
+        )
     if jobs > 1:
         pool.shutdown()
     return results
@@ -321,7 +378,11 @@ def mean_std(values: list) -> tuple[float | None, float | None, int]:
     values = [v for v in values if v is not None]
     if not values:
         return None, None, 0
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+    return (
+        statistics.fmean(values),
+        (statistics.stdev(values) if len(values) > 1 else 0.0),
+        len(values),
+    )
 
 
 def study(args, cfg: dict, log) -> dict:
@@ -334,8 +395,16 @@ def study(args, cfg: dict, log) -> dict:
 
     def spec(method, K, lr, c, seed):
         rid = run_id(method, K, lr, c, seed, tag)
-        return {"id": rid, "method": method, "K": K, "lr": lr, "c": c, "seed": seed, "cfg": cfg,
-                "path": os.path.join(runs_dir, rid + ".json")}
+        return {
+            "id": rid,
+            "method": method,
+            "K": K,
+            "lr": lr,
+            "c": c,
+            "seed": seed,
+            "cfg": cfg,
+            "path": os.path.join(runs_dir, rid + ".json"),
+        }
 
     cells = [(m, K) for K in cfg["rungs"] for m in args.methods]
     knob = {m: (1.0 if METHODS[m][2] else None) for m in args.methods}
@@ -347,7 +416,7 @@ def study(args, cfg: dict, log) -> dict:
         specs = [spec(m, K, lr, knob[m], seeds[0]) for (m, K) in cells for lr in lrs[(m, K)]]
         results.update(run_all(specs, args.jobs, log))
         grown = False
-        for (m, K) in cells:
+        for m, K in cells:
             grid = sorted(lrs[(m, K)])
             runs = [results[spec(m, K, lr, knob[m], seeds[0])["id"]] for lr in grid]
             best = min(range(len(grid)), key=lambda i: rank(runs[i]))
@@ -362,7 +431,7 @@ def study(args, cfg: dict, log) -> dict:
         if not grown:
             break
     chosen = {}
-    for (m, K) in cells:
+    for m, K in cells:
         grid = sorted(lrs[(m, K)])
         runs = [results[spec(m, K, lr, knob[m], seeds[0])["id"]] for lr in grid]
         best = min(range(len(grid)), key=lambda i: rank(runs[i]))
@@ -372,12 +441,16 @@ def study(args, cfg: dict, log) -> dict:
     # is strictly better than its neighbour (a tie, e.g. c has no effect at K = 1, extends nothing)
     knobs = {cell: list(scales) for cell in cells if METHODS[cell[0]][2]}
     for round_ in range(max_extend + 1):
-        specs = [spec(m, K, chosen[(m, K)]["lr"], c, seeds[0]) for (m, K) in knobs for c in knobs[(m, K)]]
+        specs = [
+            spec(m, K, chosen[(m, K)]["lr"], c, seeds[0]) for (m, K) in knobs for c in knobs[(m, K)]
+        ]
         results.update(run_all(specs, args.jobs, log))
         grown = False
         for (m, K), grid in knobs.items():
             grid = sorted(grid)
-            ranks = [rank(results[spec(m, K, chosen[(m, K)]["lr"], c, seeds[0])["id"]]) for c in grid]
+            ranks = [
+                rank(results[spec(m, K, chosen[(m, K)]["lr"], c, seeds[0])["id"]]) for c in grid
+            ]
             best = min(range(len(grid)), key=lambda i: ranks[i])
             if round_ == max_extend or len(grid) < 2:
                 continue
@@ -395,29 +468,42 @@ def study(args, cfg: dict, log) -> dict:
         best = min(range(len(grid)), key=lambda i: ranks[i])
         chosen[(m, K)]["c"] = grid[best]
         chosen[(m, K)]["c_grid"] = grid
-        chosen[(m, K)]["c_edge"] = ("" if len(grid) < 2 or 0 < best < len(grid) - 1
-                                    else ("low" if best == 0 else "high"))  # fmt: skip
+        chosen[(m, K)]["c_edge"] = (
+            "" if len(grid) < 2 or 0 < best < len(grid) - 1 else ("low" if best == 0 else "high")
+        )
     # stage 3: the other seeds at the selected point
-    specs = [spec(m, K, chosen[(m, K)]["lr"], chosen[(m, K)]["c"], s) for (m, K) in cells
-             for s in seeds]  # fmt: skip
+    specs = [
+        spec(m, K, chosen[(m, K)]["lr"], chosen[(m, K)]["c"], s) for (m, K) in cells for s in seeds
+    ]
     results.update(run_all(specs, args.jobs, log))
     rows = {}
-    for (m, K) in cells:
+    for m, K in cells:
         ch = chosen[(m, K)]
         runs = [results[spec(m, K, ch["lr"], ch["c"], s)["id"]] for s in seeds]
         rows[f"{m}|{K}"] = {
-            "method": m, "K": K, "B": K * LOCAL_BATCH, "cap": step_cap(K, cfg), **ch,
+            "method": m,
+            "K": K,
+            "B": K * LOCAL_BATCH,
+            "cap": step_cap(K, cfg),
+            **ch,
             "lr_over_linear": ch["lr"] / lin[(m, K)],
             "train": mean_std([r["steps_to_train"] for r in runs]),
             "val": mean_std([r["steps_to_val"] for r in runs]),
             "train_steps_by_seed": [r["steps_to_train"] for r in runs],
             "val_steps_by_seed": [r["steps_to_val"] for r in runs],
             "seeds": seeds,
-        }  # fmt: skip
+        }
     tuning = [r for r in results.values() if r["id"].endswith(tag)]
     cpu_seconds = sum(r["seconds"] for r in tuning)
-    return {"rows": rows, "tag": tag, "runs": len(tuning), "train_seconds": cpu_seconds,
-            "all_runs": sorted(tuning, key=lambda r: (r["method"], r["K"], r["lr"], r["c"] or 0, r["seed"]))}  # fmt: skip
+    return {
+        "rows": rows,
+        "tag": tag,
+        "runs": len(tuning),
+        "train_seconds": cpu_seconds,
+        "all_runs": sorted(
+            tuning, key=lambda r: (r["method"], r["K"], r["lr"], r["c"] or 0, r["seed"])
+        ),
+    }
 
 
 # ------------------------------------------------------------------------------ report
@@ -437,20 +523,31 @@ def _c(c) -> str:
 def markdown(res: dict, cfg: dict, args, methods: list[str]) -> str:
     rows = res["rows"]
     lines = []
-    for split, label in (("train", f"training-subset loss ≤ {cfg['train_target']}"),
-                         ("val", f"validation-subset loss ≤ {cfg['val_target']}")):  # fmt: skip
-        lines += [f"### Steps to target: anchor {label} (mean ± std over seeds; reached/seeds)", "",
-                  "| K | B | cap | " + " | ".join(methods) + " |",
-                  "|---|---|---|" + "---|" * len(methods)]  # fmt: skip
+    for split, label in (
+        ("train", f"training-subset loss ≤ {cfg['train_target']}"),
+        ("val", f"validation-subset loss ≤ {cfg['val_target']}"),
+    ):
+        lines += [
+            f"### Steps to target: anchor {label} (mean ± std over seeds; reached/seeds)",
+            "",
+            "| K | B | cap | " + " | ".join(methods) + " |",
+            "|---|---|---|" + "---|" * len(methods),
+        ]
         for K in cfg["rungs"]:
             cells = []
             for m in methods:
                 row = rows[f"{m}|{K}"]
                 cells.append(f"{_ms(row[split])} ({row[split][2]}/{len(row['seeds'])})")
-            lines.append(f"| {K} | {K * LOCAL_BATCH} | {step_cap(K, cfg)} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {K} | {K * LOCAL_BATCH} | {step_cap(K, cfg)} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
-    lines += ["### Scaling efficiency on the training target: steps(K=1) / (K · steps(K)) (1 = perfect)", "",
-              "| K | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]  # fmt: skip
+    lines += [
+        "### Scaling efficiency on the training target: steps(K=1) / (K · steps(K)) (1 = perfect)",
+        "",
+        "| K | " + " | ".join(methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for K in cfg["rungs"]:
         cells = []
         for m in methods:
@@ -459,11 +556,15 @@ def markdown(res: dict, cfg: dict, args, methods: list[str]) -> str:
             cells.append("—" if s1 is None or sk is None else f"{s1 * base / (K * sk):.2f}")
         lines.append(f"| {K} | " + " | ".join(cells) + " |")
     if "nesterov" in methods:
-        lines += ["", "### Paired with Nesterov at the same seed (same initialization and batches): "
-                  "steps(method) / steps(nesterov), training target, mean ± std over seeds "
-                  "(< 1: fewer steps than Nesterov)", "",
-                  "| K | " + " | ".join(m for m in methods if m != "nesterov") + " |",
-                  "|---|" + "---|" * (len(methods) - 1)]  # fmt: skip
+        lines += [
+            "",
+            "### Paired with Nesterov at the same seed (same initialization and batches): "
+            "steps(method) / steps(nesterov), training target, mean ± std over seeds "
+            "(< 1: fewer steps than Nesterov)",
+            "",
+            "| K | " + " | ".join(m for m in methods if m != "nesterov") + " |",
+            "|---|" + "---|" * (len(methods) - 1),
+        ]
         for K in cfg["rungs"]:
             ref = rows[f"nesterov|{K}"]["train_steps_by_seed"]
             cells = []
@@ -473,27 +574,40 @@ def markdown(res: dict, cfg: dict, args, methods: list[str]) -> str:
                     ratios = [a / b for a, b in zip(own, ref) if a is not None and b is not None]
                     cells.append(_ms(mean_std(ratios), 2) + f" ({len(ratios)})")
             lines.append(f"| {K} | " + " | ".join(cells) + " |")
-    lines += ["", "### Selected points (tuned on seed 0 for the training target)", "",
-              "| method | K | γ | γ / (K·γ₀) | LR grid tried | LR on edge | extrap_scale c | c grid tried | c on edge |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "### Selected points (tuned on seed 0 for the training target)",
+        "",
+        "| method | K | γ | γ / (K·γ₀) | LR grid tried | LR on edge | extrap_scale c | c grid tried | c on edge |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in methods:
         for K in cfg["rungs"]:
             row = rows[f"{m}|{K}"]
             grid = ", ".join(f"{x:.4g}" for x in row["lr_grid"])
-            lines.append(f"| {m} | {K} | {row['lr']:.4g} | {row['lr_over_linear']:.3g} | {grid} "
-                         f"| {row['lr_edge'] or 'interior'} | {_c(row['c'])} "
-                         f"| {', '.join(_c(c) for c in row.get('c_grid', [])) or '—'} "
-                         f"| {'—' if row['c'] is None else (row.get('c_edge') or 'interior')} |")
-    lines += ["", "<details><summary>Every run (steps to the training / validation target, "
-              "status, final anchor losses)</summary>", "",
-              "| method | K | γ | c | seed | train target at | val target at | status | steps run "
-              "| final train | final val | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {m} | {K} | {row['lr']:.4g} | {row['lr_over_linear']:.3g} | {grid} "
+                f"| {row['lr_edge'] or 'interior'} | {_c(row['c'])} "
+                f"| {', '.join(_c(c) for c in row.get('c_grid', [])) or '—'} "
+                f"| {'—' if row['c'] is None else (row.get('c_edge') or 'interior')} |"
+            )
+    lines += [
+        "",
+        "<details><summary>Every run (steps to the training / validation target, "
+        "status, final anchor losses)</summary>",
+        "",
+        "| method | K | γ | c | seed | train target at | val target at | status | steps run "
+        "| final train | final val | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["all_runs"]:
         ft = "—" if r["final_train"] is None else f"{r['final_train']:.3f}"
         fv = "—" if r["final_val"] is None else f"{r['final_val']:.3f}"
-        lines.append(f"| {r['method']} | {r['K']} | {r['lr']:.4g} | {_c(r['c'])} "
-                     f"| {r['seed']} | {r['steps_to_train'] or '—'} | {r['steps_to_val'] or '—'} "
-                     f"| {r['status']} | {r['steps_run']} | {ft} | {fv} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {r['K']} | {r['lr']:.4g} | {_c(r['c'])} "
+            f"| {r['seed']} | {r['steps_to_train'] or '—'} | {r['steps_to_val'] or '—'} "
+            f"| {r['status']} | {r['steps_run']} | {ft} | {fv} | {r['seconds']:.1f} |"
+        )
     lines += ["", "</details>", ""]
     return "\n".join(lines)
 
@@ -508,30 +622,67 @@ def plot(res: dict, cfg: dict, methods: list[str], path: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, split in zip(axes, ("train", "val")):
         for i, m in enumerate(methods):
-            pts = [(rows[f"{m}|{K}"]["B"] * (1 + 0.03 * (i - 1.5)), rows[f"{m}|{K}"][split])
-                   for K in cfg["rungs"] if rows[f"{m}|{K}"][split][0] is not None]  # fmt: skip
+            pts = [
+                (rows[f"{m}|{K}"]["B"] * (1 + 0.03 * (i - 1.5)), rows[f"{m}|{K}"][split])
+                for K in cfg["rungs"]
+                if rows[f"{m}|{K}"][split][0] is not None
+            ]
             if pts:  # open markers: the mean of the seeds that reached the target, not all did
-                full = [rows[f"{m}|{K}"][split][2] == len(cfg["seeds"]) for K in cfg["rungs"]
-                        if rows[f"{m}|{K}"][split][0] is not None]  # fmt: skip
-                ax.scatter([p[0] for p, f in zip(pts, full) if not f], [p[1][0] for p, f in zip(pts, full) if not f],
-                           s=60, facecolors="none", edgecolors="k", zorder=3)  # fmt: skip
-                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
-                            marker="o", ms=4, capsize=3, label=m)  # fmt: skip
+                full = [
+                    rows[f"{m}|{K}"][split][2] == len(cfg["seeds"])
+                    for K in cfg["rungs"]
+                    if rows[f"{m}|{K}"][split][0] is not None
+                ]
+                ax.scatter(
+                    [p[0] for p, f in zip(pts, full) if not f],
+                    [p[1][0] for p, f in zip(pts, full) if not f],
+                    s=60,
+                    facecolors="none",
+                    edgecolors="k",
+                    zorder=3,
+                )
+                ax.errorbar(
+                    [p[0] for p in pts],
+                    [p[1][0] for p in pts],
+                    yerr=[p[1][1] for p in pts],
+                    marker="o",
+                    ms=4,
+                    capsize=3,
+                    label=m,
+                )
         ref = rows.get(f"nesterov|{cfg['rungs'][0]}", rows[f"{methods[0]}|{cfg['rungs'][0]}"])
         if ref[split][0] is not None:
             bs = [K * LOCAL_BATCH for K in cfg["rungs"]]
-            ax.plot(bs, [ref[split][0] * bs[0] / b for b in bs], "k:", lw=1,
-                    label="perfect scaling from Nesterov at K=1")  # fmt: skip
+            ax.plot(
+                bs,
+                [ref[split][0] * bs[0] / b for b in bs],
+                "k:",
+                lw=1,
+                label="perfect scaling from Nesterov at K=1",
+            )
         caps = [step_cap(K, cfg) for K in cfg["rungs"]]
-        ax.plot([K * LOCAL_BATCH for K in cfg["rungs"]], caps, color="0.7", lw=1, ls="--", label="step cap")
+        ax.plot(
+            [K * LOCAL_BATCH for K in cfg["rungs"]],
+            caps,
+            color="0.7",
+            lw=1,
+            ls="--",
+            label="step cap",
+        )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(f"global batch B = K·{LOCAL_BATCH}")
-        ax.set_ylabel("steps to target (mean ± std over seeds;\ncircled: not every seed reached it)")
-        ax.set_title(f"anchor {'training' if split == 'train' else 'validation'}-subset loss ≤ "
-                     f"{cfg[split + '_target']}")  # fmt: skip
+        ax.set_ylabel(
+            "steps to target (mean ± std over seeds;\ncircled: not every seed reached it)"
+        )
+        ax.set_title(
+            f"anchor {'training' if split == 'train' else 'validation'}-subset loss ≤ "
+            f"{cfg[split + '_target']}"
+        )
         ax.legend(fontsize=7)
-    fig.suptitle("byte-level MLP LM on the CPython stdlib: steps to target vs global batch", fontsize=10)
+    fig.suptitle(
+        "byte-level MLP LM on the CPython stdlib: steps to target vs global batch", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -540,15 +691,33 @@ def plot(res: dict, cfg: dict, methods: list[str], path: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="= --study quick: K = 1, 2; one γ and c; 1 seed")
-    parser.add_argument("--study", default="main", choices=list(STUDIES),
-                        help="main (docs/scaling.md), early (an easier target), quick")
+    parser.add_argument(
+        "--quick", action="store_true", help="= --study quick: K = 1, 2; one γ and c; 1 seed"
+    )
+    parser.add_argument(
+        "--study",
+        default="main",
+        choices=list(STUDIES),
+        help="main (docs/scaling.md), early (an easier target), quick",
+    )
     parser.add_argument("--output_dir", default=os.path.join("outputs", "batch_scaling"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--rungs", nargs="+", type=int, default=None, help="the K ladder (default: the study's)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the study's (main: 0..4); the first tunes")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="runs trained in parallel, one thread each")  # fmt: skip
+    parser.add_argument(
+        "--rungs", nargs="+", type=int, default=None, help="the K ladder (default: the study's)"
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="default: the study's (main: 0..4); the first tunes",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="runs trained in parallel, one thread each",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.study = "quick"
@@ -568,32 +737,56 @@ def main(argv: list[str] | None = None) -> dict:
     methods = args.methods
     png = plot(res, cfg, methods, os.path.join(args.output_dir, "plots", "steps_vs_batch.png"))
     params = sum(p.numel() for p in ByteMLP().parameters())
-    machine = (f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-               f"torch {torch.__version__}")  # fmt: skip
-    command = "python benchmarks/batch_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = (
+        f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}"
+    )
+    command = "python benchmarks/batch_scaling.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     header = [
-        f"Command: `{command.strip()}`", "", f"Machine: {machine}; {args.jobs} runs in parallel, 1 thread each.", "",
+        f"Command: `{command.strip()}`",
+        "",
+        f"Machine: {machine}; {args.jobs} runs in parallel, 1 thread each.",
+        "",
         f"Data: CPython {m['python']} stdlib, {m['files']} *.py files ({m['bytes']:,} bytes; sha256 of the "
         f"listing {m['sha256'][:16]}…), split by file (seed {SPLIT_SEED}): train {m['train_files']} files / "
-        f"{m['train_bytes']:,} bytes, validation {m['val_files']} files / {m['val_bytes']:,} bytes.", "",
+        f"{m['train_bytes']:,} bytes, validation {m['val_files']} files / {m['val_bytes']:,} bytes.",
+        "",
         f"Model: byte MLP, context {CONTEXT}, embedding {EMBED}, hidden {HIDDEN}: {params:,} parameters. "
         f"Local batch b = {LOCAL_BATCH}; warmup {WARMUP} steps then constant γ; anchor evaluated on "
         f"{EVAL_EXAMPLES} fixed training / validation positions every max(1, cap/100) steps; "
-        f"cap = max({cfg['min_cap']}, {cfg['cap_samples']:,} / B) steps.", "",
+        f"cap = max({cfg['min_cap']}, {cfg['cap_samples']:,} / B) steps.",
+        "",
         f"Rungs K = {cfg['rungs']}; seeds {cfg['seeds']}; {res['runs']} runs, "
-        f"{res['train_seconds'] / 60:.1f} CPU-minutes of training (sum over runs).", "",
-    ]  # fmt: skip
+        f"{res['train_seconds'] / 60:.1f} CPU-minutes of training (sum over runs).",
+        "",
+    ]
     text = "\n".join(header) + markdown(res, cfg, args, methods)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"command": command, "machine": machine, "cfg": cfg, "tag": res["tag"],
-                   "runs": res["runs"], "train_seconds": res["train_seconds"],
-                   "rows": res["rows"]}, f, indent=1)  # fmt: skip
+        json.dump(
+            {
+                "command": command,
+                "machine": machine,
+                "cfg": cfg,
+                "tag": res["tag"],
+                "runs": res["runs"],
+                "train_seconds": res["train_seconds"],
+                "rows": res["rows"],
+            },
+            f,
+            indent=1,
+        )
     log(f"done in {time.perf_counter() - start:.0f} s: {args.output_dir}/results.md, {png}")
     print(text)
-    return {"rows": res["rows"], "plot": png, "results_md": os.path.join(args.output_dir, "results.md"),
-            "runs": res["runs"]}  # fmt: skip
+    return {
+        "rows": res["rows"],
+        "plot": png,
+        "results_md": os.path.join(args.output_dir, "results.md"),
+        "runs": res["runs"],
+    }
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def bs():
     spec = importlib.util.spec_from_file_location(
-        "batch_scaling", os.path.join(REPO, "benchmarks", "batch_scaling.py"))
+        "batch_scaling", os.path.join(REPO, "benchmarks", "batch_scaling.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -72,7 +73,9 @@ def test_data_is_the_stdlib_split_by_file(bs, first_run):
     val = {f for f, _, s in m["listing"] if s == "val"}
     assert train and val and not train & val and len(train) + len(val) == m["files"]
     assert m["val_files"] == round(bs.VAL_FRACTION * m["files"])
-    assert m == {**bs.manifest(), "listing": m["listing"]} and m["listing"] == bs.manifest()["listing"]
+    assert (
+        m == {**bs.manifest(), "listing": m["listing"]} and m["listing"] == bs.manifest()["listing"]
+    )
 
 
 def test_rerun_trains_nothing(bs, first_run, monkeypatch, capsys):
@@ -84,5 +87,8 @@ def test_rerun_trains_nothing(bs, first_run, monkeypatch, capsys):
     monkeypatch.setattr(bs, "train_one", no_training)
     bs.main(ARGS + ["--output_dir", out])
     log = capsys.readouterr().out
-    assert "to train" in log and all(line.endswith(" 0 to train") for line in log.splitlines()
-                                     if line.rstrip().endswith("to train"))
+    assert "to train" in log and all(
+        line.endswith(" 0 to train")
+        for line in log.splitlines()
+        if line.rstrip().endswith("to train")
+    )
