@@ -120,3 +120,21 @@ def agree(states: list[dict] | None, where: str, *, found: bool = True, optional
         )
         return "restart"
     return "load"
+
+
+def apply(decision: str, optimizers: list, states: list[dict] | None, *,
+          staged: bool = False) -> None:  # fmt: skip
+    """Carry out ``agree``'s ``decision`` on each of ``optimizers``: "load" puts this rank's
+    state back, "restart" restarts its local state from the anchor; at once, or ``staged`` for
+    the optimizer's next ``load_state_dict`` (a hook that runs before the framework loads it)."""
+    for i, optimizer in enumerate(optimizers):
+        if decision == "load":
+            if staged:
+                optimizer.stage_local_state(states[i])
+            else:
+                optimizer.load_local_state_dict(states[i])
+        elif decision == "restart":
+            if staged:
+                optimizer.stage_local_state(None, restart=True)
+            else:
+                optimizer.reset_local_state(warn=False)

@@ -119,15 +119,7 @@ def _register_checkpoint_hooks(accelerator, registry: list[ExtrapOptimizer]) -> 
         # local state (accelerate saves an FSDP optimizer through DCP: the files are needed)
         optional = accelerator.num_processes == 1 and not loaded
         decision = checkpoint.agree(states, input_dir, optional=optional)
-        for i, optimizer in enumerate(registry):
-            if loaded and decision == "load":
-                optimizer.load_local_state_dict(states[i])
-            elif loaded and decision == "restart":
-                optimizer.reset_local_state(warn=False)
-            elif decision == "load":
-                optimizer.stage_local_state(states[i])
-            elif decision == "restart":
-                optimizer.stage_local_state(None, restart=True)
+        checkpoint.apply(decision, registry, states, staged=not loaded)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -46,6 +46,7 @@ from ..handle import AttachHandle, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
 from ..optim.core import Core
 from ..optim.registry import check_deepspeed_variant, variant_info
+from ._placing import PlacingAdapter
 
 
 def check_supported(engine, optimizer: ExtrapOptimizer) -> None:
@@ -139,7 +140,7 @@ def _sharded(p: Tensor) -> bool:
     return hasattr(p, "ds_tensor")
 
 
-class DeepSpeedExtrapolation:
+class DeepSpeedExtrapolation(PlacingAdapter):
     """The engine adapter: binds the optimizer to the engine's slots and places x̃ after each
     applied step; the module's :class:`AttachHandle` reads the anchor through the optimizer."""
 
@@ -150,11 +151,7 @@ class DeepSpeedExtrapolation:
         self.stage = engine.zero_optimization_stage()
         self.fp16 = engine.fp16_enabled()
         self.direct = self.stage == 0 and not (self.fp16 or engine.bfloat16_enabled())
-        # elements of δ ≠ 0 that rounded to nothing / elements of δ ≠ 0, counted on the device
-        # (no host sync) at every ``rounding_sample_every``-th placement, the first included
-        self.rounded: list[Tensor | int] = [0, 0]
-        self.rounding_sample_every = 16
-        self._placements = 0
+        self._init_rounding()
         groups = self._model_param_groups()
         if self.direct:
             optimizer.bind(backend="deepspeed", model_param_groups=groups)
@@ -209,24 +206,6 @@ class DeepSpeedExtrapolation:
             return method(original, *args, **kwargs)
 
         setattr(self.engine, name, wrapper)
-
-    # ---------------------------------------------------------------- inspection
-    @property
-    def training(self) -> bool:
-        return self.core.training
-
-    def anchor(self, p: Tensor) -> Tensor:
-        """The anchor this rank holds for ``p`` (whole, or its ZeRO-3 shard); bit16 off direct."""
-        return self.core.anchor(p)
-
-    def point(self, p: Tensor) -> Tensor:
-        """This rank's x̃ of ``p`` as its forward reads it (whole, or its ZeRO-3 shard)."""
-        return self.core.point(p)
-
-    def local_state(self, p: Tensor) -> dict[str, Any]:
-        """This rank's local extrapolation state of ``p`` (local moments)."""
-        keys = type(self.optimizer)._local_state_keys
-        return {k: v for k, v in self.core.state.get(p, {}).items() if k in keys}
 
     # ---------------------------------------------------------------- where the weights are
     def refresh_gathered(self) -> None:
@@ -301,8 +280,7 @@ class DeepSpeedExtrapolation:
             if grads:
                 torch._foreach_mul_(grads, 1.0 / scale)
         coefs = opt.local_clip_coefs()
-        sample = self._placements % self.rounding_sample_every == 0
-        self._placements += 1
+        sample = self._sample_rounding()
         for i, (group, params, lr) in enumerate(zip(opt.param_groups, opt.model_param_groups,
                                                     lrs)):  # fmt: skip
             placed, xs, outs, gks, states = [], [], [], [], []
@@ -327,18 +305,8 @@ class DeepSpeedExtrapolation:
             for p, x, out in zip(placed, xs, outs):
                 target = core.weight(p)
                 if sample and target.dtype != torch.float32:
-                    moved = out != x
-                    self.rounded[0] += (moved & (out.to(target.dtype) == target)).sum()
-                    self.rounded[1] += moved.sum()
+                    self._count_rounding(x, out, target.dtype)
                 target.copy_(out)
-
-    @property
-    def rounded_to_zero_fraction(self) -> float:
-        """Fraction of the displacement's nonzero elements that rounding to bit16 erased
-        (sampled: every ``rounding_sample_every``-th step, the first included; set it to 1 to
-        count every step)."""
-        gone, moved = (int(n) for n in self.rounded)
-        return gone / moved if moved else 0.0
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, original, save_dir, tag=None, *args, **kwargs):
@@ -388,10 +356,8 @@ class DeepSpeedExtrapolation:
                                     device=self.engine.device)  # fmt: skip
         if decision == "none":
             return False
-        if decision == "load":
-            self.optimizer.load_local_state_dict(states[0])
-        elif decision == "restart" or weights_only:  # the optimizer state starts afresh too
-            self.optimizer.reset_local_state(warn=False)
+        # weights only: the optimizer state starts afresh, and so does the local one
+        checkpoint.apply("restart" if weights_only else decision, [self.optimizer], states)
         return True
 
     def read_local_state(self, load_dir: str, tag: str | None = None) -> list[dict] | None:

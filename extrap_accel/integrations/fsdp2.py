@@ -51,6 +51,7 @@ from ..handle import AttachHandle, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
 from ..optim.core import Core
 from ..optim.registry import variant_info
+from ._placing import PlacingAdapter
 
 LAYOUT = "fsdp2-shard0"
 
@@ -209,7 +210,7 @@ class _Capture:
         self.handles = []
 
 
-class FSDP2Extrapolation:
+class FSDP2Extrapolation(PlacingAdapter):
     """The FSDP2 adapter: binds the optimizer to the shards, captures gᵏ, places x̃ after each
     step; the root module's :class:`AttachHandle` reads the anchor through the optimizer."""
 
@@ -222,11 +223,7 @@ class FSDP2Extrapolation:
         self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         self.capture = _Capture(self.own_rows, lambda: any(
             g["extrap_max_norm"] is not None for g in optimizer.param_groups))
-        # elements of δ ≠ 0 that FSDP2's cast to param_dtype erased / elements of δ ≠ 0, counted
-        # on the device (no host sync) at every ``rounding_sample_every``-th placement
-        self.rounded: list[Tensor | int] = [0, 0]
-        self.rounding_sample_every = 16
-        self._placements = 0
+        self._init_rounding()  # (what FSDP2's cast to its param_dtype erases)
         self._init_step = False
         self._lrs: list[float] = []
         self._param_dtypes: dict[Tensor, torch.dtype] | None = None  # known after lazy init
@@ -235,7 +232,7 @@ class FSDP2Extrapolation:
             # the DTensors it steps now (accelerate's prepare replaces the params it was built on)
             model_param_groups=[tuple(g["params"]) for g in optimizer.param_groups],
             capture=CaptureMode(off=True),  # gᵏ comes from the unsharded parameters (below)
-            init_step=lambda: self._init_step, bare_state_dicts=True,
+            init_step=lambda: self._init_step,
         )  # fmt: skip
         self.core = optimizer.core
         self._handles = [
@@ -290,46 +287,16 @@ class FSDP2Extrapolation:
         return full.narrow(0, start, _local(p.data).shape[0] if full.dim() else 0)
 
     # ---------------------------------------------------------------- inspection
-    @property
-    def training(self) -> bool:
-        return self.core.training
-
-    def anchor(self, p: Tensor) -> Tensor:
-        """The anchor of this rank's shard of ``p`` (a live local tensor: do not modify)."""
-        return self.core.anchor(p)
-
-    def point(self, p: Tensor) -> Tensor:
-        """This rank's shard of the mixed point x̃ of ``p``, as FSDP2 all-gathers it."""
-        return self.core.point(p)
-
     def local_grad(self, p: Tensor) -> Tensor | None:
         """The rows of this rank's own shard of its local gradient of ``p`` in the current
         accumulation (fp32, shaped like the shard; the rest of the local gradient is not
         kept)."""
         return self.capture.get(p)
 
-    def local_state(self, p: Tensor) -> dict[str, Any]:
-        keys = type(self.optimizer)._local_state_keys
-        return {k: v for k, v in self.core.state.get(p, {}).items() if k in keys}
-
-    @property
-    def rounded_to_zero_fraction(self) -> float:
-        """Fraction of the displacement's nonzero elements that FSDP2's cast to the
-        ``MixedPrecisionPolicy`` param_dtype erased (sampled every ``rounding_sample_every``-th
-        step, the first included; 0 without a lower param_dtype)."""
-        gone, moved = (int(n) for n in self.rounded)
-        return gone / moved if moved else 0.0
-
     # ---------------------------------------------------------------- the step
     def _is_init_step(self) -> bool:
-        """DCP's ``_init_optim_state``: no state yet, every lr 0, zero gradients, no backward."""
-        opt = self.optimizer
-        if opt.state or any(float(g["lr"]) != 0.0 for g in opt.param_groups):
-            return False
-        if self.capture.fresh:
-            return False
-        grads = [p.grad for p in opt.managed_params() if p.grad is not None]
-        return all(not _local(g).any() for g in grads)
+        """DCP's ``_init_optim_state`` (and no backward since the last step)."""
+        return not self.capture.fresh and self.optimizer.is_dcp_init_step()
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         """The anchor back into the shards: torch's base update runs on the DTensors."""
@@ -355,8 +322,7 @@ class FSDP2Extrapolation:
         coefs = opt.local_clip_coefs(norms=norms)
         if self._param_dtypes is None:
             self._param_dtypes = self._read_param_dtypes()
-        sample = self._placements % self.rounding_sample_every == 0
-        self._placements += 1
+        sample = self._sample_rounding()
         for i, (group, params, lr) in enumerate(zip(opt.param_groups, opt.model_param_groups,
                                                     lrs)):  # fmt: skip
             placed, xs, outs, gks, averaged, states = [], [], [], [], {}, []
@@ -384,9 +350,7 @@ class FSDP2Extrapolation:
                 slot = core.weight(p)
                 dtype = self._param_dtypes.get(p, slot.dtype)
                 if sample and dtype != out.dtype:
-                    moved = out != x
-                    self.rounded[0] += (moved & (out.to(dtype) == x.to(dtype))).sum()
-                    self.rounded[1] += moved.sum()
+                    self._count_rounding(x, out, dtype)
                 slot.copy_(out)
 
     # ---------------------------------------------------------------- per-rank checkpoints
@@ -402,10 +366,7 @@ class FSDP2Extrapolation:
         warning). Returns the decision ("load" or "restart")."""
         states = checkpoint.read(folder, self.optimizer.rank)
         decision = checkpoint.agree(states, folder)
-        if decision == "load":
-            self.optimizer.load_local_state_dict(states[0])
-        elif decision == "restart":
-            self.optimizer.reset_local_state(warn=False)
+        checkpoint.apply(decision, [self.optimizer], states)
         return decision
 
 

@@ -276,10 +276,7 @@ class ExtrapTrainerCallback(TrainerCallback):
         # (one process: the optimizer's own state dict holds x̃ and its local state)
         decision = checkpoint.agree(states, checkpoint_dir,
                                     optional=self.trainer.args.world_size == 1)  # fmt: skip
-        if decision == "load":
-            opt.stage_local_state(states[0])
-        elif decision == "restart":
-            opt.stage_local_state(None, restart=True)
+        checkpoint.apply(decision, [opt], states, staged=True)
         try:
             return load(checkpoint_dir, *args, **kwargs)
         finally:

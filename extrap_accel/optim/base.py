@@ -52,9 +52,6 @@ class Binding:
       optimizer state (``torch.distributed.checkpoint``'s ``_init_optim_state``: zero gradients
       at lr 0 on an optimizer without state); such a step creates the base state as zeros and
       changes nothing else (no weight, no counter, no x̃).
-    - ``bare_state_dicts``: the backend's checkpointing keeps only ``state`` and
-      ``param_groups`` of the state dict (DCP): ``load_state_dict`` accepts one without the
-      ``"extrap"`` entry (the generators travel in each rank's local state).
     """
 
     backend: str = "torch"
@@ -67,7 +64,6 @@ class Binding:
     per_rank_state: bool = False
     attached: bool = False
     init_step: Callable[[], bool] | None = None
-    bare_state_dicts: bool = False
 
 
 class ExtrapOptimizer(Optimizer):
@@ -488,8 +484,9 @@ class ExtrapOptimizer(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("extrap", None)
         groups = state_dict.get("param_groups") or [{}]
-        if extra is None and (self._binding.bare_state_dicts or "train_mode" in groups[0]):
-            extra = {}  # ours, through torch.distributed.checkpoint (which keeps state and groups)
+        if extra is None and "train_mode" in groups[0]:
+            extra = {}  # ours, through torch.distributed.checkpoint (which keeps state and groups;
+            # the generators travel in each rank's local state)
         if extra is None:
             raise ValueError(
                 f"this state dict has no 'extrap' entry: it was not saved by an extrap_accel "
@@ -549,8 +546,7 @@ class ExtrapOptimizer(Optimizer):
         ``closure`` (zero grads, forward, backward, return loss) is optional, and required by
         ``extrapolation="fresh"``, which calls it twice: at the anchor and at x̃.
         """
-        init_step = self._binding.init_step or self._dcp_init_step
-        if init_step():
+        if self._init_step():
             self._create_base_state()
             return None
         if not self._begin_step():
@@ -573,16 +569,21 @@ class ExtrapOptimizer(Optimizer):
         self._capture.reset()  # gᵏ is consumed: the next backward starts a new sum
         return loss
 
-    def _dcp_init_step(self) -> bool:
-        """Whether this is ``torch.distributed.checkpoint``'s state-creating dummy step
+    def is_dcp_init_step(self) -> bool:
+        """Whether this step is ``torch.distributed.checkpoint``'s state-creating dummy step
         (``_init_optim_state``: no state yet, every lr 0, zero gradients), which must change
-        nothing: not the weights, not a counter, not K."""
-        if self.state or self._binding.base_update_only:
+        nothing: not the weights, not a counter, not K. (DTensor gradients are read locally:
+        no collective.)"""
+        if self.state or any(float(g["lr"]) != 0.0 for g in self.param_groups):
             return False
-        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
-            return False
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in self.managed_params() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         return bool(grads) and not any(bool(g.any()) for g in grads)
+
+    def _init_step(self) -> bool:
+        if self._binding.init_step is not None:  # a backend that knows (FSDP2)
+            return self._binding.init_step()
+        return not self._binding.base_update_only and self.is_dcp_init_step()
 
     def _create_base_state(self) -> None:
         """Create the base state of every parameter with a gradient (a bound backend's init
