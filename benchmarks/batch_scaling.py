@@ -56,17 +56,18 @@ import statistics
 import sys
 import sysconfig
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _path in (REPO, os.path.join(REPO, "benchmarks")):  # (_cached_runs, also when imported)
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import extrap_accel  # noqa: E402
+from _cached_runs import run_cached  # noqa: E402  (benchmarks/_cached_runs.py)
 
 # ------------------------------------------------------------------------------ the study
 
@@ -337,31 +338,12 @@ def train_one(spec: dict) -> dict:
 
 def run_all(specs: list[dict], jobs: int, log) -> dict[str, dict]:
     """Train the specs whose JSON is not cached yet (largest K first); return all records by id."""
-    results, todo = {}, []
-    for spec in specs:
-        if os.path.exists(spec["path"]):
-            with open(spec["path"]) as f:
-                results[spec["id"]] = json.load(f)
-        elif spec["id"] not in {s["id"] for s in todo}:
-            todo.append(spec)
-    log(f"{len(specs) - len(todo)} runs cached, {len(todo)} to train")
-    todo.sort(key=lambda s: -s["K"])
-    if not todo:
-        return results
-    if jobs <= 1:
-        done = map(train_one, todo)
-    else:
-        pool = ProcessPoolExecutor(max_workers=jobs)
-        done = pool.map(train_one, todo)
-    for i, r in enumerate(done, 1):
-        results[r["id"]] = r
-        log(
-            f"[{i}/{len(todo)}] {r['id']}: {r['status']}, train target at {r['steps_to_train']}, "
-            f"val at {r['steps_to_val']}, {r['seconds']:.1f} s"
-        )
-    if jobs > 1:
-        pool.shutdown()
-    return results
+
+    def describe(r: dict) -> str:
+        return (f"{r['status']}, train target at {r['steps_to_train']}, "
+                f"val at {r['steps_to_val']}, {r['seconds']:.1f} s")
+
+    return run_cached(specs, train_one, jobs, log, describe, order=lambda s: -s["K"])
 
 
 def rank(r: dict) -> tuple:

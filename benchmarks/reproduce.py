@@ -57,11 +57,11 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The recipes import their helpers as a top-level ``common`` module: put recipes/ on the path.
-for _path in (REPO, os.path.join(REPO, "recipes")):
+# The recipes import their helpers as a top-level ``common`` module: put recipes/ on the path
+# (and benchmarks/, for _cached_runs, also when this file is imported from elsewhere).
+for _path in (REPO, os.path.join(REPO, "recipes"), os.path.join(REPO, "benchmarks")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
@@ -69,6 +69,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import extrap_accel  # noqa: E402
+from _cached_runs import run_cached  # noqa: E402  (benchmarks/_cached_runs.py)
 import common  # noqa: E402  (recipes/common.py)
 import language_model as lm_recipe  # noqa: E402  (recipes/language_model.py)
 import vision as vision_recipe  # noqa: E402  (recipes/vision.py)
@@ -424,28 +425,12 @@ def _average_anchors(local) -> None:
 
 def run_all(specs: list[dict], jobs: int, log) -> dict[str, dict]:
     """Train the specs whose JSON is not in the cache yet; return all records by id."""
-    results, todo = {}, []
-    for spec in specs:
-        if os.path.exists(spec["path"]):
-            with open(spec["path"]) as f:
-                results[spec["id"]] = json.load(f)
-        else:
-            todo.append(spec)
-    log(f"{len(specs) - len(todo)} runs cached, {len(todo)} to train")
-    if not todo:
-        return results
-    if jobs <= 1:
-        done = map(train_one, todo)
-    else:
-        pool = ProcessPoolExecutor(max_workers=jobs)
-        done = pool.map(train_one, todo)
-    for i, r in enumerate(done, 1):
-        results[r["id"]] = r
-        log(f"[{i}/{len(todo)}] {r['id']}: val {TASKS[r['task']]['metric']} "
-            f"{_fmt(r['val_' + TASKS[r['task']]['metric']])}, {r['seconds_per_step']:.3f} s/step")
-    if jobs > 1:
-        pool.shutdown()
-    return results
+
+    def describe(r: dict) -> str:
+        metric = TASKS[r["task"]]["metric"]
+        return f"val {metric} {_fmt(r['val_' + metric])}, {r['seconds_per_step']:.3f} s/step"
+
+    return run_cached(specs, train_one, jobs, log, describe)
 
 
 def _better(task: str, a: dict, b: dict | None) -> bool:
