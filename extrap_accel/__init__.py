@@ -5,9 +5,8 @@
 
 from .attach import AttachHandle, attach
 from .integrations.accelerate import prepare
-from .lars import LARS
-from .simulate import VirtualWorkers
 from .integrations.post_local_sgd import PostLocalSGD, enable_post_local_sgd
+from .lars import LARS
 from .optim import (
     Binding,
     Core,
@@ -20,25 +19,28 @@ from .optim import (
     register_optimizer,
     variant_info,
 )
+from .safety import manual_mode
+from .simulate import VirtualWorkers
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "LARS",
     "AttachHandle",
     "Binding",
     "Core",
     "ExtrapAdam",
     "ExtrapOptimizer",
     "ExtrapSGD",
-    "LARS",
     "PostLocalSGD",
+    "VirtualWorkers",
     "attach",
     "create_optimizer",
     "enable_post_local_sgd",
     "get_optimizer_info",
     "list_optimizers",
+    "manual_mode",
     "prepare",
     "register_optimizer",
-    "VirtualWorkers",
     "variant_info",
 ]
