@@ -5,6 +5,7 @@
 
 from .attach import AttachHandle, attach
 from .integrations.accelerate import prepare
+from .integrations.optimizer_spec import trainer_optimizer
 from .integrations.post_local_sgd import PostLocalSGD, enable_post_local_sgd
 from .lars import LARS
 from .optim import (
@@ -24,6 +25,21 @@ from .simulate import VirtualWorkers
 
 __version__ = "0.2.0"
 
+# transformers is imported only when these are used
+_LAZY = {
+    "ExtrapTrainer": "extrap_accel.integrations.transformers",
+    "ExtrapTrainerMixin": "extrap_accel.integrations.transformers",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'extrap_accel' has no attribute {name!r}")
+
+
 __all__ = [
     "LARS",
     "AttachHandle",
@@ -32,6 +48,8 @@ __all__ = [
     "ExtrapAdam",
     "ExtrapOptimizer",
     "ExtrapSGD",
+    "ExtrapTrainer",
+    "ExtrapTrainerMixin",
     "PostLocalSGD",
     "VirtualWorkers",
     "attach",
@@ -42,5 +60,6 @@ __all__ = [
     "manual_mode",
     "prepare",
     "register_optimizer",
+    "trainer_optimizer",
     "variant_info",
 ]
