@@ -1,14 +1,16 @@
-"""``extrap_accel.attach(trainer)``: extrap-SGD / extrap-Adam in the Hugging Face Trainer.
+"""``extrap_accel.ExtrapTrainer`` / ``attach(trainer)``: extrap-SGD / extrap-Adam in the Hugging
+Face Trainer.
 
-    from transformers import Trainer
     import extrap_accel
-    from extrap_accel import ExtrapAdam
 
-    trainer = Trainer(model, args, train_dataset=train, eval_dataset=val,
-                      optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3, "extrap_scale": 0.5}))
-    # or: Trainer(..., optimizers=(ExtrapAdam(model.parameters(), lr=1e-3), scheduler))
-    extrap_accel.attach(trainer)  # once, before trainer.train()
+    trainer = extrap_accel.ExtrapTrainer(   # or attach(Trainer(...)) before trainer.train()
+        model, args, train_dataset=train, eval_dataset=val,
+        optimizer_cls_and_kwargs=extrap_accel.trainer_optimizer("extrap_adam", lr=1e-3))
+    # or: optimizers=(ExtrapAdam(model.parameters(), lr=1e-3), scheduler)
     trainer.train()               # also trainer.train(resume_from_checkpoint=...)
+
+``ExtrapTrainerMixin`` gives a Trainer subclass of your own the same (``class
+MyTrainer(ExtrapTrainerMixin, Trainer)``).
 
 Single process, DDP (``torchrun``; on CPU ``TrainingArguments(use_cpu=True,
 ddp_backend="gloo")``) and DeepSpeed ZeRO-0/1/2/3 (``TrainingArguments(deepspeed=...)`` with
@@ -21,8 +23,10 @@ extrapolated point x̃ instead of the anchor x, and the Trainer saves the optimi
 main process only, so the other ranks' local state (x̃, local moments, noise generators) would
 be lost and a resumed run would not continue the same trajectory.
 
-What ``attach(trainer)`` installs (tested with transformers 5.24 on one process and under DDP,
-and 4.47.1 on one process; ``optimizer_cls_and_kwargs`` needs transformers >= 4.47):
+What ``attach(trainer)`` installs (tested with transformers 5.25 on one process, under DDP and
+DeepSpeed, and 4.47.1 on one process and DeepSpeed: ``.ci/transformers_oldest``;
+``optimizer_cls_and_kwargs`` needs transformers >= 4.47). The two private Trainer methods it
+wraps are listed in :data:`PRIVATE_HOOKS`; everything else is a callback:
 
 - ``attach(trainer.model, optimizer)`` (see ``extrap_accel.attach``), so that
   ``model.state_dict()`` — which ``save_model``, every checkpoint and ``push_to_hub`` go
@@ -71,8 +75,12 @@ Not supported (``attach`` raises):
 
 - Under DeepSpeed, an optimizer passed with ``optimizers=``: the Trainer discards it and builds
   its own (``transformers.integrations.deepspeed.deepspeed_init`` sets ``trainer.optimizer =
-  None``); likewise a DeepSpeed config with an ``"optimizer"`` section, which the Trainer would
-  hand to DeepSpeed instead. Both are refused with a pointer to ``optimizer_cls_and_kwargs``.
+  None``); likewise a DeepSpeed config whose ``"optimizer"`` section names DeepSpeed's own
+  optimizer, or names one while ``optimizer_cls_and_kwargs`` names another. A section that
+  names ours (``ExtrapSGD``, ``ExtrapAdam``, an ``extrap_*`` registry name) is taken instead:
+  it becomes ``optimizer_cls_and_kwargs`` ("auto": ``learning_rate``, ``adam_beta1/2``,
+  ``adam_epsilon``, ``weight_decay``; betas and eps do not apply to SGD) and leaves the config
+  DeepSpeed sees.
 - The Trainer's FSDP (FSDP2 is supported outside the Trainer: ``attach(model, optimizer)`` on
   a ``fully_shard`` model, ``extrap_accel.integrations.fsdp2``).
 - Any optimizer that is not an extrap_accel optimizer (TypeError), including the Trainer's
