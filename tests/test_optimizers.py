@@ -86,7 +86,8 @@ _EXTRAP_COMMON_ERRORS = (
 _SGD_ERRORS = _EXTRAP_COMMON_ERRORS + (
     ErrorInput({"momentum": -0.5}, r"Invalid momentum value"),
     ErrorInput({"extrap_momentum": -0.5}, r"Invalid extrap_momentum value"),
-    ErrorInput({"momentum": 0.0, "nesterov": True}, r"Nesterov momentum requires momentum > 0"),
+    ErrorInput({"momentum": 0.0, "nesterov": True}, r"Nesterov momentum requires a momentum"),
+    ErrorInput({"dampening": 0.5, "nesterov": True}, r"Nesterov momentum requires .* zero damp"),
     ErrorInput({"extrapolation": "sideways"}, r"unknown extrapolation='sideways'; choose one of"),
 )
 _NOISE_ERRORS = _SGD_ERRORS + (
@@ -161,8 +162,9 @@ SPECS: tuple[OptimizerSpec, ...] = (
         dict(lr=1e-2, weight_decay=1e-4),
         _EXTRAP_COMMON_ERRORS
         + (
-            ErrorInput({"betas": (0.9, 1.0)}, r"Invalid betas"),
-            ErrorInput({"betas": (-0.1, 0.999)}, r"Invalid betas"),
+            ErrorInput({"betas": (0.9, 1.0)}, r"Invalid beta parameter at index 1: 1.0"),
+            ErrorInput({"betas": (-0.1, 0.999)}, r"Invalid beta parameter at index 0: -0.1"),
+            ErrorInput({"betas": (0.9,)}, r"Invalid betas"),
             ErrorInput({"eps": -1e-8}, r"Invalid epsilon value"),
             ErrorInput({"extrap_max_norm": 0.0}, r"Invalid extrap_max_norm"),
         ),
@@ -636,7 +638,7 @@ def test_sgd_foreach_loop_reference(config):
 _ADAM_CONFIGS = {
     "K1": dict(weight_decay=1e-2),
     "K3": dict(weight_decay=1e-2, world_size=3),
-    "K1-clip": dict(extrap_max_norm=0.5),
+    "K1-clip": dict(weight_decay=0.0, extrap_max_norm=0.5),
     "K3-clip-wd": dict(weight_decay=1e-2, extrap_max_norm=0.5, world_size=3),
 }
 
@@ -976,7 +978,9 @@ def test_adam_local_moments_restart_with_their_own_bias_correction(foreach):
     correcting them with the global step count would shrink it to about 0.52·γ̃ at t = 6."""
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(50, dtype=torch.float64))
-    opt = extrap_accel.ExtrapAdam([p], lr=1e-2, eps=1e-30, extrap_lr=1e-3, foreach=foreach)
+    opt = extrap_accel.ExtrapAdam(
+        [p], lr=1e-2, eps=1e-30, weight_decay=0.0, extrap_lr=1e-3, foreach=foreach
+    )
     for _ in range(5):
         p.grad = torch.randn(50, dtype=torch.float64)
         opt.step()
