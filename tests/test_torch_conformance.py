@@ -127,7 +127,7 @@ def test_positional_order_and_defaults_reach_the_groups():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("info,index,dtype,foreach", list(_config_cases()))
 def test_torch_config_is_bitwise_torch_at_extrap_scale_0(info, index, dtype, foreach):
-    kwargs = dict(info.optim_inputs_func(device="cpu")[index].kwargs, foreach=foreach)
+    kwargs = {**info.optim_inputs_func(device="cpu")[index].kwargs, "foreach": foreach}
     torch_params = _params(dtype)
     our_params = _clone(torch_params)
     try:
@@ -314,7 +314,7 @@ def test_complex_params_step_as_their_real_view_with_extrapolation(cls, foreach)
     """Complex parameters are pairs of real ones (torch's convention), also for the local
     direction: ours on complex128 equals ours on the float64 real view (to rounding: complex
     and real kernels may fuse differently)."""
-    kwargs = dict(lr=0.05, weight_decay=0.01, foreach=foreach, extrap_scale=3.0)
+    kwargs = {"lr": 0.05, "weight_decay": 0.01, "foreach": foreach, "extrap_scale": 3.0}
     if cls is ExtrapSGD:
         kwargs.update(momentum=0.9, nesterov=True, maximize=True)
     else:
