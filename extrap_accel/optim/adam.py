@@ -128,7 +128,7 @@ class ExtrapAdam(ExtrapOptimizer):
         if not group["decoupled_weight_decay"]:
             raise ValueError(
                 "ExtrapAdam is AdamW (decoupled weight decay); decoupled_weight_decay=False "
-                "(Adam's L2 penalty) is not supported"
+                "(Adam's L2 penalty) is not supported: remove the key"
             )
         group["betas"] = tuple(betas)
 

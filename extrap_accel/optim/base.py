@@ -762,7 +762,7 @@ class ExtrapOptimizer(Optimizer):
 # The extrapolation options a param group may carry (each optimizer takes those in its defaults),
 # the optimizer-wide arguments, and torch's options of the other family: a group key among these
 # that this optimizer does not take is a mistake (torch would ignore it silently).
-EXTRAP_GROUP_KEYS = frozenset({
+_EXTRAP_GROUP_KEYS = frozenset({
     "extrap_scale", "extrap_lr", "extrap_momentum", "extrap_max_norm", "extrapolation",
     "noise_scale", "filterwise",
 })  # fmt: skip
@@ -804,7 +804,7 @@ def check_param_group_options(
                     f"{key} is an argument of the whole optimizer, not a param-group key: give "
                     f"{key}=... to {owner}(...)"
                 )
-            if key in EXTRAP_GROUP_KEYS or key.startswith("extrap") or key in _TORCH_OPTION_KEYS:
+            if key in _EXTRAP_GROUP_KEYS or key.startswith("extrap") or key in _TORCH_OPTION_KEYS:
                 raise ValueError(
                     f"unknown param-group key {key!r}: {owner} does not take it (its keys: "
                     f"{', '.join(k for k in known if k != 'train_mode')})"
