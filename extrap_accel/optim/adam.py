@@ -32,6 +32,8 @@ class ExtrapAdam(ExtrapOptimizer):
             \tilde v^k_{t+1} = \beta_2 \tilde v^k_t + (1-\beta_2) (g^k_t)^2 \\
          &\quad d^k_{t+1} = \hat{\tilde m}^k_{t+1}/(\sqrt{\hat{\tilde v}^k_{t+1}} + \epsilon)
             + \lambda x_{t+1} \\
+         &\quad (\textit{amsgrad}: v, \tilde v^k \text{ replaced by their running maxima in }
+            \hat v, \hat{\tilde v}^k;\; \textit{maximize}: g, g^k \leftarrow -g, -g^k) \\
          &\textbf{return}\: x_t
        \end{aligned}
 

@@ -19,19 +19,21 @@ class ExtrapSGD(ExtrapOptimizer):
     .. math::
        \begin{aligned}
          &\textbf{input}: \gamma_t \text{ (lr)}, m \text{ (momentum)}, \lambda
-            \text{ (weight\_decay)}, \tilde m \text{ (extrap\_momentum, default } m),
+            \text{ (weight\_decay)}, \delta \text{ (dampening)}, \tilde m
+            \text{ (extrap\_momentum, default } m),
             \tilde\gamma_t = c\,\gamma_t/K \text{ (extrap\_scale } c \text{) or extrap\_lr} \\
-         &\textbf{initialize}: u_0 = \tilde u_0 = 0,\; d_0 = 0 \\
+         &\textbf{initialize}: d_0 = 0;\; u_1 = h_0,\; \tilde u^k_1 = \hat h^k_0
+            \text{ (undamped, as torch)};\; \textit{maximize}: g, g^k \leftarrow -g, -g^k \\
          &\textbf{for}\: t = 0, 1, \dots \textbf{ on worker } k: \\
          &\quad \tilde x^k_t = x_t - \tilde\gamma_{t-1} d^k_t
             \qquad\text{(what the parameters hold between steps)} \\
          &\quad g^k_t = \nabla f_{B^k_t}(\tilde x^k_t),\quad g_t = \tfrac1K\textstyle\sum_k g^k_t
             \qquad\text{(the usual all-reduce)} \\
-         &\quad h_t = g_t + \lambda x_t,\; u_{t+1} = m u_t + h_t,\;
+         &\quad h_t = g_t + \lambda x_t,\; u_{t+1} = m u_t + (1-\delta) h_t,\;
             x_{t+1} = x_t - \gamma_t (h_t + m u_{t+1}) \quad
             (\text{heavy ball: } x_t - \gamma_t u_{t+1}) \\
          &\quad \hat h^k_t = g^k_t + \lambda x_{t+1},\; \tilde u^k_{t+1} = \tilde m \tilde u^k_t
-            + \hat h^k_t,\; d^k_{t+1} = \hat h^k_t + \tilde m \tilde u^k_{t+1}
+            + (1-\delta) \hat h^k_t,\; d^k_{t+1} = \hat h^k_t + \tilde m \tilde u^k_{t+1}
             \quad (\text{heavy ball: } \tilde u^k_{t+1}) \\
          &\textbf{return}\: x_t \text{ (the anchor: } \texttt{optimizer.eval()}
             \text{ or } \texttt{extrap\_accel.attach)}
