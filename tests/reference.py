@@ -11,6 +11,10 @@ of ALGORITHMS.md it implements.  Conventions:
 - extrap_max_norm clips each worker's gᵏ (entering its local direction only) by its own total
   L2 norm, clip_grad_norm_ convention; the anchor update uses the unclipped average.
   The 'stochastic' variant uses the raw (unclipped) gᵏ_t − g_t.
+- torch's options act on the local direction exactly as on the base update (ALGORITHMS.md,
+  Notation): ``maximize`` negates g and every gᵏ; ``dampening`` δ damps u and ũ alike, each
+  starting undamped (u_1 = h_0, ũ_1 = ĥ_0, torch's convention); Adam's ``amsgrad`` keeps a
+  running maximum of v for the base update and of ṽ for the local direction.
 """
 import torch
 
@@ -29,9 +33,10 @@ class ReferenceExtrapSGD:
 
     def __init__(self, params, *, lr, momentum=0.0, weight_decay=0.0, nesterov=False,
                  extrap_lr=None, extrap_scale=1.0, extrap_momentum=None, extrap_max_norm=None,
-                 world_size=1, extrapolation="past"):
+                 world_size=1, extrapolation="past", dampening=0.0, maximize=False):
         assert extrapolation in ("past", "stochastic"), extrapolation
         assert world_size >= 1
+        self.dampening, self.maximize = dampening, maximize
         self.lr, self.momentum, self.weight_decay, self.nesterov = lr, momentum, weight_decay, nesterov
         self.extrap_lr, self.extrap_scale, self.extrap_momentum = extrap_lr, extrap_scale, extrap_momentum
         self.extrap_max_norm, self.K, self.extrapolation = extrap_max_norm, world_size, extrapolation
@@ -56,14 +61,17 @@ class ReferenceExtrapSGD:
         K, lr, m, lam = self.K, self.lr, self.momentum, self.weight_decay
         m_tilde = self.extrap_momentum if self.extrap_momentum is not None else m  # m̃ defaults to m
         gamma_tilde = self.extrap_step_size()  # γ̃_t from γ_t, the rate of this update
-        n = len(self.anchor)
+        n, damp = len(self.anchor), 1 - self.dampening  # dampening δ: (1 − δ), not at t = 0
+        if self.maximize:  # maximize: g and every gᵏ negated
+            local_grads = [[-g for g in gs] for gs in local_grads]
         # Alg.1 step 3: g_t = (1/K)·Σ_k gᵏ_t
         g = [sum(local_grads[k][i] for k in range(K)) / K for i in range(n)]
         new_anchor = []
         for i in range(n):
             x = self.anchor[i]
             h = g[i] + lam * x  # Alg.1 step 4: h_t = g_t + λ·x_t
-            self.u[i] = m * self.u[i] + h  # Alg.1 step 4: u_{t+1} = m·u_t + h_t
+            # Alg.1 step 4: u_{t+1} = m·u_t + (1 − δ)·h_t (u_1 = h_0)
+            self.u[i] = h.clone() if self.t == 0 else m * self.u[i] + damp * h
             if self.nesterov:
                 new_anchor.append(x - lr * (h + m * self.u[i]))  # Alg.1 step 4: x_{t+1} = x_t − γ_t·(h_t + m·u_{t+1})
             else:
@@ -78,7 +86,8 @@ class ReferenceExtrapSGD:
             gk = _clip_local(local_grads[k], self.extrap_max_norm)  # local clipping at extrap_max_norm
             for i in range(n):
                 h_hat = gk[i] + lam * self.anchor[i]  # Alg.1 step 5: ĥᵏ_t = gᵏ_t + λ·x_{t+1}
-                self.u_loc[k][i] = m_tilde * self.u_loc[k][i] + h_hat  # Alg.1 step 5: ũᵏ_{t+1} = m̃·ũᵏ_t + ĥᵏ_t
+                # Alg.1 step 5: ũᵏ_{t+1} = m̃·ũᵏ_t + (1 − δ)·ĥᵏ_t (ũᵏ_1 = ĥᵏ_0)
+                self.u_loc[k][i] = h_hat.clone() if self.t == 0 else m_tilde * self.u_loc[k][i] + damp * h_hat
                 if self.nesterov:
                     d = h_hat + m_tilde * self.u_loc[k][i]  # Alg.1 step 5: dᵏ_{t+1} = ĥᵏ_t + m̃·ũᵏ_{t+1}
                 else:
@@ -91,8 +100,10 @@ class ReferenceExtrapAdam:
     """extrap-Adam (Algorithm 3), K simulated workers each with its own local moments."""
 
     def __init__(self, params, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 extrap_lr=None, extrap_scale=1.0, extrap_max_norm=None, world_size=1):
+                 extrap_lr=None, extrap_scale=1.0, extrap_max_norm=None, world_size=1,
+                 amsgrad=False, maximize=False):
         assert world_size >= 1
+        self.amsgrad, self.maximize = amsgrad, maximize
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.extrap_lr, self.extrap_scale, self.extrap_max_norm = extrap_lr, extrap_scale, extrap_max_norm
         self.K = world_size
@@ -101,6 +112,8 @@ class ReferenceExtrapAdam:
         self.v = [torch.zeros_like(p) for p in self.anchor]  # v_0 = 0
         self.m_loc = [[torch.zeros_like(p) for p in self.anchor] for _ in range(self.K)]  # m̃ᵏ_0 = 0
         self.v_loc = [[torch.zeros_like(p) for p in self.anchor] for _ in range(self.K)]  # ṽᵏ_0 = 0
+        self.v_max = [torch.zeros_like(p) for p in self.anchor]  # amsgrad: max_{s≤t} v_s
+        self.v_loc_max = [[torch.zeros_like(p) for p in self.anchor] for _ in range(self.K)]
         self.xi = [[torch.zeros_like(p) for p in self.anchor] for _ in range(self.K)]  # dᵏ_0 = 0
         self.t = 0
 
@@ -122,6 +135,8 @@ class ReferenceExtrapAdam:
         n, t = len(self.anchor), self.t
         bc1 = 1 - b1 ** (t + 1)  # Alg.3: 1 − β₁^{t+1}
         bc2 = 1 - b2 ** (t + 1)  # Alg.3: 1 − β₂^{t+1}
+        if self.maximize:  # maximize: g and every gᵏ negated
+            local_grads = [[-g for g in gs] for gs in local_grads]
         # Alg.1 step 3 (shared): g_t = (1/K)·Σ_k gᵏ_t
         g = [sum(local_grads[k][i] for k in range(K)) / K for i in range(n)]
         new_anchor = []
@@ -130,7 +145,10 @@ class ReferenceExtrapAdam:
             self.m[i] = b1 * self.m[i] + (1 - b1) * g[i]  # Alg.3: m_{t+1} = β₁m_t + (1−β₁)g_t
             self.v[i] = b2 * self.v[i] + (1 - b2) * g[i] * g[i]  # Alg.3: v_{t+1} = β₂v_t + (1−β₂)g_t²
             m_hat = self.m[i] / bc1  # Alg.3: m̂ = m_{t+1}/(1−β₁^{t+1})
-            v_hat = self.v[i] / bc2  # Alg.3: v̂ = v_{t+1}/(1−β₂^{t+1})
+            v = self.v[i]
+            if self.amsgrad:  # amsgrad: v̂ from the running maximum of v
+                self.v_max[i] = v = torch.maximum(self.v_max[i], v)
+            v_hat = v / bc2  # Alg.3: v̂ = v_{t+1}/(1−β₂^{t+1})
             new_anchor.append(x - lr * (m_hat / (v_hat.sqrt() + eps) + lam * x))  # Alg.3: x_{t+1}
         self.anchor = new_anchor
         for k in range(K):
@@ -138,8 +156,11 @@ class ReferenceExtrapAdam:
             for i in range(n):
                 self.m_loc[k][i] = b1 * self.m_loc[k][i] + (1 - b1) * gk[i]  # Alg.3: m̃ᵏ_{t+1}
                 self.v_loc[k][i] = b2 * self.v_loc[k][i] + (1 - b2) * gk[i] * gk[i]  # Alg.3: ṽᵏ_{t+1}
+                v_loc = self.v_loc[k][i]
+                if self.amsgrad:  # amsgrad: the running maximum of ṽᵏ, as for the base update
+                    self.v_loc_max[k][i] = v_loc = torch.maximum(self.v_loc_max[k][i], v_loc)
                 # Alg.3: dᵏ_{t+1} = (m̃/(1−β₁^{t+1})) / (√(ṽ/(1−β₂^{t+1})) + ε) + λ·x_{t+1}
-                d = (self.m_loc[k][i] / bc1) / ((self.v_loc[k][i] / bc2).sqrt() + eps) + lam * self.anchor[i]
+                d = (self.m_loc[k][i] / bc1) / ((v_loc / bc2).sqrt() + eps) + lam * self.anchor[i]
                 self.xi[k][i] = -gamma_tilde * d  # x̃ᵏ_{t+1} = x_{t+1} − γ̃_t·dᵏ_{t+1}
         self.t += 1
 
@@ -198,10 +219,16 @@ if __name__ == "__main__":
         want = torch_run(torch.optim.SGD, **kw)
         assert close(run(ReferenceExtrapSGD(x0, extrap_lr=0.0, world_size=K, **kw)).anchor, want)
         assert close(run(ReferenceExtrapSGD(x0, extrap_scale=0.0, world_size=K, **kw)).anchor, want)
-    # I1 for Adam: extrap_lr = 0 reproduces torch.optim.AdamW
-    kw = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-2)
-    assert close(run(ReferenceExtrapAdam(x0, extrap_lr=0.0, world_size=K, **kw)).anchor,
-                 torch_run(torch.optim.AdamW, **kw))
+    # ... with torch's options: dampening, maximize
+    for extra in (dict(dampening=0.3), dict(maximize=True), dict(nesterov=True, maximize=True)):
+        kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, **extra)
+        want = torch_run(torch.optim.SGD, **kw)
+        assert close(run(ReferenceExtrapSGD(x0, extrap_lr=0.0, world_size=K, **kw)).anchor, want)
+    # I1 for Adam: extrap_lr = 0 reproduces torch.optim.AdamW (also amsgrad, maximize)
+    for extra in ({}, dict(amsgrad=True), dict(maximize=True), dict(amsgrad=True, maximize=True)):
+        kw = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=1e-2, **extra)
+        assert close(run(ReferenceExtrapAdam(x0, extrap_lr=0.0, world_size=K, **kw)).anchor,
+                     torch_run(torch.optim.AdamW, **kw))
 
     # I2: K=1, m=0, λ=0 matches the hand-written extragradient-from-the-past loop
     ref = ReferenceExtrapSGD([x0[0]], lr=0.05, extrap_lr=0.02, world_size=1)

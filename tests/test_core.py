@@ -196,7 +196,9 @@ def test_defect6_add_param_group_validates_and_hooks_each_parameter_once():
     for bad, match in (({"extrapolation": "bogus"}, "unknown extrapolation"),
                        ({"extrap_max_norm": -1.0}, "Invalid extrap_max_norm"),
                        ({"lr": -1.0}, "Invalid learning rate"),
-                       ({"lr": torch.tensor(0.1)}, "Invalid learning rate")):  # fmt: skip
+                       ({"lr": torch.tensor([0.1, 0.1])}, "Tensor lr must be 1-element"),
+                       ({"maximize": "yes", "fused": True}, "fused=True is not supported"),
+                       ({"extrap_sacle": 2.0}, "unknown param-group key")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             opt.add_param_group({"params": [extra], **bad})
         assert len(opt.param_groups) == 1  # not added

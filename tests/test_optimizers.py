@@ -86,7 +86,8 @@ _EXTRAP_COMMON_ERRORS = (
 _SGD_ERRORS = _EXTRAP_COMMON_ERRORS + (
     ErrorInput({"momentum": -0.5}, r"Invalid momentum value"),
     ErrorInput({"extrap_momentum": -0.5}, r"Invalid extrap_momentum value"),
-    ErrorInput({"momentum": 0.0, "nesterov": True}, r"Nesterov momentum requires momentum > 0"),
+    ErrorInput({"momentum": 0.0, "nesterov": True}, r"Nesterov momentum requires a momentum"),
+    ErrorInput({"dampening": 0.5, "nesterov": True}, r"Nesterov momentum requires .* zero damp"),
     ErrorInput({"extrapolation": "sideways"}, r"unknown extrapolation='sideways'; choose one of"),
 )
 _NOISE_ERRORS = _SGD_ERRORS + (
@@ -161,8 +162,9 @@ SPECS: tuple[OptimizerSpec, ...] = (
         dict(lr=1e-2, weight_decay=1e-4),
         _EXTRAP_COMMON_ERRORS
         + (
-            ErrorInput({"betas": (0.9, 1.0)}, r"Invalid betas"),
-            ErrorInput({"betas": (-0.1, 0.999)}, r"Invalid betas"),
+            ErrorInput({"betas": (0.9, 1.0)}, r"Invalid beta parameter at index 1: 1.0"),
+            ErrorInput({"betas": (-0.1, 0.999)}, r"Invalid beta parameter at index 0: -0.1"),
+            ErrorInput({"betas": (0.9,)}, r"Invalid betas"),
             ErrorInput({"eps": -1e-8}, r"Invalid epsilon value"),
             ErrorInput({"extrap_max_norm": 0.0}, r"Invalid extrap_max_norm"),
         ),
@@ -572,7 +574,8 @@ def _run_against_reference(make_ours, ref, A, b, x0, steps=25):
     """Drive foreach and loop versions of our optimizer and the reference side by side.
 
     Before each step the parameters must equal worker 0's x̃ of the reference, after it the
-    anchors the reference's anchors. At t = 10 the lr changes, at t = 17 extrap_scale."""
+    anchors the reference's anchors. At t = 10 the lr changes, at t = 17 extrap_scale.
+    (rtol: maximize climbs the quadratic, to values of order 1e3.)"""
     runs = []
     for foreach in (True, False):
         params = [nn.Parameter(x.clone()) for x in x0]
@@ -597,16 +600,16 @@ def _run_against_reference(make_ours, ref, A, b, x0, steps=25):
         ref.step([g_ref] * ref.K)  # one process: every worker's local gradient is .grad
         for params, opt in runs:
             for p, x_ref in zip(params, pts):
-                torch.testing.assert_close(p.detach(), x_ref, rtol=0, atol=1e-12)
+                torch.testing.assert_close(p.detach(), x_ref, rtol=1e-14, atol=1e-12)
             for p, g in zip(params, _quad_grads(A, b, [p.detach() for p in params])):
                 p.grad = g
             opt.step()
             for p, a_ref in zip(params, ref.anchor):
-                torch.testing.assert_close(opt.anchor(p), a_ref, rtol=0, atol=1e-12)
+                torch.testing.assert_close(opt.anchor(p), a_ref, rtol=1e-14, atol=1e-12)
     (pf, of), (pl, ol) = runs
     for p, q in zip(pf, pl):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12)
-        torch.testing.assert_close(of.anchor(p), ol.anchor(q), rtol=0, atol=1e-12)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-14, atol=1e-12)
+        torch.testing.assert_close(of.anchor(p), ol.anchor(q), rtol=1e-14, atol=1e-12)
     # the displacement is really there (the comparison above is not trivially x̃ = x)
     assert max((p.detach() - of.anchor(p)).abs().max().item() for p in pf) > 1e-6
     if ref.extrap_max_norm is not None:
@@ -622,6 +625,13 @@ _SGD_CONFIGS = {
                               extrap_max_norm=0.5),
     "nomomentum-mt": dict(momentum=0.0, weight_decay=1e-2, extrap_momentum=0.6, world_size=4),
     "nesterov-mt0": dict(momentum=0.9, nesterov=True, extrap_momentum=0.0),
+    # torch's options act on the local direction as on the base update
+    "maximize-nesterov-wd-mt": dict(momentum=0.9, nesterov=True, weight_decay=1e-2,
+                                    extrap_momentum=0.5, maximize=True),
+    "dampening-heavyball-wd-K4": dict(momentum=0.9, dampening=0.3, weight_decay=1e-2,
+                                      world_size=4),
+    "dampening-mt-clip-maximize": dict(momentum=0.8, dampening=0.5, extrap_momentum=0.6,
+                                       extrap_max_norm=0.5, maximize=True),
 }
 
 
@@ -636,8 +646,11 @@ def test_sgd_foreach_loop_reference(config):
 _ADAM_CONFIGS = {
     "K1": dict(weight_decay=1e-2),
     "K3": dict(weight_decay=1e-2, world_size=3),
-    "K1-clip": dict(extrap_max_norm=0.5),
+    "K1-clip": dict(weight_decay=0.0, extrap_max_norm=0.5),
     "K3-clip-wd": dict(weight_decay=1e-2, extrap_max_norm=0.5, world_size=3),
+    "amsgrad-K3": dict(weight_decay=1e-2, amsgrad=True, world_size=3),
+    "maximize-clip": dict(weight_decay=1e-2, maximize=True, extrap_max_norm=0.5),
+    "amsgrad-maximize-K1": dict(weight_decay=0.0, amsgrad=True, maximize=True),
 }
 
 
@@ -976,7 +989,9 @@ def test_adam_local_moments_restart_with_their_own_bias_correction(foreach):
     correcting them with the global step count would shrink it to about 0.52·γ̃ at t = 6."""
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(50, dtype=torch.float64))
-    opt = extrap_accel.ExtrapAdam([p], lr=1e-2, eps=1e-30, extrap_lr=1e-3, foreach=foreach)
+    opt = extrap_accel.ExtrapAdam(
+        [p], lr=1e-2, eps=1e-30, weight_decay=0.0, extrap_lr=1e-3, foreach=foreach
+    )
     for _ in range(5):
         p.grad = torch.randn(50, dtype=torch.float64)
         opt.step()

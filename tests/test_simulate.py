@@ -31,23 +31,34 @@ class Quadratic(nn.Module):
         return [self.a[k] * (w - self.c[k]), self.a[k] * (b + self.c[k])]
 
 
-@pytest.mark.parametrize("kind", ["sgd", "sgd_heavy_ball_clip", "stochastic", "adam"])
+# torch's options (maximize, dampening, amsgrad) reach the backends' path too: the simulator
+# runs the base update on the anchors and places each worker's x̃ like DeepSpeed and FSDP2 do.
+_KINDS = ["sgd", "sgd_heavy_ball_clip", "stochastic", "adam", "sgd_maximize_dampening",
+          "stochastic_maximize", "adam_amsgrad_maximize"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", _KINDS)
 def test_simulator_follows_the_k_worker_oracle(kind):
     model = Quadratic()
     x0 = [p.detach().clone() for p in model.parameters()]
-    if kind == "adam":
-        opt = extrap_accel.ExtrapAdam(model.parameters(), lr=0.05, weight_decay=1e-2)
-        ref = ReferenceExtrapAdam(x0, lr=0.05, weight_decay=1e-2, world_size=K)
+    if kind.startswith("adam"):
+        kw = dict(lr=0.05, weight_decay=1e-2)
+        if kind == "adam_amsgrad_maximize":
+            kw.update(amsgrad=True, maximize=True)
+        opt = extrap_accel.ExtrapAdam(model.parameters(), **kw)
+        ref = ReferenceExtrapAdam(x0, world_size=K, **kw)
     else:
         kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=kind == "sgd")
         if kind == "sgd_heavy_ball_clip":
             kw.update(extrap_momentum=0.5, extrap_max_norm=0.5)
-        if kind == "stochastic":
-            kw.update(extrapolation="stochastic")
+        if kind == "sgd_maximize_dampening":
+            kw.update(extrap_momentum=0.5, dampening=0.3, maximize=True, extrap_max_norm=0.5)
+        if kind.startswith("stochastic"):
+            kw.update(extrapolation="stochastic", maximize=kind == "stochastic_maximize")
         opt = extrap_accel.ExtrapSGD(model.parameters(), **kw)
         kw.pop("extrapolation", None)
         ref = ReferenceExtrapSGD(x0, world_size=K, extrapolation="stochastic"
-                                 if kind == "stochastic" else "past", **kw)
+                                 if kind.startswith("stochastic") else "past", **kw)
     workers = extrap_accel.VirtualWorkers(model, opt, num_workers=K)
     for t in range(12):
         for k in range(K):

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -76,6 +76,9 @@ class ExtrapOptimizer(Optimizer):
     # state to the parameter's dtype (a bf16 counter sticks at 256).
     _step_keys: tuple[str, ...] = ()
     _extrapolations: tuple[str, ...] = EXTRAPOLATIONS
+    # Param-group keys added in 0.2 (torch's options), with the value that reproduces 0.1: filled
+    # into the groups of older checkpoints on load, as torch's ``__setstate__`` does.
+    _group_keys_since_0_1: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, params, defaults: dict[str, Any], *, seed: int, world_size: int | None):
         if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
@@ -128,6 +131,8 @@ class ExtrapOptimizer(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("train_mode", True)
+            for key, value in self._group_keys_since_0_1.items():
+                group.setdefault(key, value)
         if extra is None and hasattr(self, "_binding"):  # torch's load_state_dict calls this
             return
         extra = extra or {}
@@ -139,7 +144,8 @@ class ExtrapOptimizer(Optimizer):
     # ------------------------------------------------------------------ groups and options
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate one param group's options (constructor defaults and add_param_group)."""
-        check_param_group_options(group, supports=self._extrapolations)
+        check_param_group_options(group, supports=self._extrapolations, owner=type(self).__name__,
+                                  known=self.defaults if hasattr(self, "defaults") else group)  # fmt: skip
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -690,7 +696,11 @@ class ExtrapOptimizer(Optimizer):
             if not grads:
                 return {}
             if any(g.is_sparse for g in grads):
-                raise RuntimeError("extrap_max_norm does not support sparse gradients: remove it")
+                raise RuntimeError(
+                    "extrap_max_norm clips the local gradient by its total norm, which is not "
+                    "implemented for sparse gradients (e.g. nn.Embedding(sparse=True)): remove "
+                    "extrap_max_norm or use dense gradients"
+                )
             norms = list(torch._foreach_norm(grads, 2.0))
         if not norms:
             return {}
@@ -742,20 +752,78 @@ class ExtrapOptimizer(Optimizer):
             if group["extrapolation"] != "fresh":
                 continue
             gamma = self.extrap_lr(group)
+            if group.get("maximize"):  # x̃ = x − γ̃·(−∇f(x))
+                gamma = -gamma
             for p in self._params_with_grad(group):
                 anchor = self.core.ensure_anchor(p)
                 torch.add(anchor, self.local_grad(p), alpha=-gamma, out=p.data)
 
 
+# The extrapolation options a param group may carry (each optimizer takes those in its defaults),
+# the optimizer-wide arguments, and torch's options of the other family: a group key among these
+# that this optimizer does not take is a mistake (torch would ignore it silently).
+_EXTRAP_GROUP_KEYS = frozenset({
+    "extrap_scale", "extrap_lr", "extrap_momentum", "extrap_max_norm", "extrapolation",
+    "noise_scale", "filterwise",
+})  # fmt: skip
+_OPTIMIZER_WIDE_KEYS = frozenset({"seed", "world_size"})
+_TORCH_OPTION_KEYS = frozenset({
+    "momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "maximize", "foreach",
+    "capturable", "differentiable", "fused", "decoupled_weight_decay",
+})  # fmt: skip
+
+# torch's implementation flags that this package refuses when set, and why.
+_REFUSED_FLAGS = {
+    "fused": "extrap_accel's kernels compute the base update and the local direction together, "
+    "in foreach or per-tensor form; leave fused unset (None) or False and choose foreach",
+    "capturable": "CUDA graph capture is not supported (the step reads the step counters and "
+    "the clipping norm on the host); leave capturable=False",
+    "differentiable": "the step swaps the anchor and x̃ in place under torch.no_grad, so it "
+    "cannot be differentiated through; leave differentiable=False",
+}
+
+
 def check_param_group_options(
-    group: dict[str, Any], *, supports: tuple[str, ...] = EXTRAPOLATIONS
+    group: dict[str, Any],
+    *,
+    supports: tuple[str, ...] = EXTRAPOLATIONS,
+    owner: str = "this optimizer",
+    known: dict[str, Any] | None = None,
 ) -> None:
-    """Validate the options shared by every optimizer here (constructor and add_param_group)."""
+    """Validate the options shared by every optimizer here (constructor and add_param_group).
+
+    Error types and messages follow torch.optim's where torch has the same check. ``known``:
+    the keys this optimizer takes (its defaults).
+    """
+    if known is not None:
+        for key in group:
+            if key in known or key in ("params", "param_names", "train_mode"):
+                continue
+            if key in _OPTIMIZER_WIDE_KEYS:
+                raise ValueError(
+                    f"{key} is an argument of the whole optimizer, not a param-group key: give "
+                    f"{key}=... to {owner}(...)"
+                )
+            if key in _EXTRAP_GROUP_KEYS or key.startswith("extrap") or key in _TORCH_OPTION_KEYS:
+                raise ValueError(
+                    f"unknown param-group key {key!r}: {owner} does not take it (its keys: "
+                    f"{', '.join(k for k in known if k != 'train_mode')})"
+                )
     lr = group["lr"]
-    if isinstance(lr, Tensor) or not (isinstance(lr, (int, float)) and lr >= 0):
-        raise ValueError(f"Invalid learning rate: {lr!r} (must be a float >= 0)")
-    if group["weight_decay"] < 0:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (must be >= 0)")
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or not lr >= 0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be a float or 1-element Tensor >= 0)")
+    weight_decay = group["weight_decay"]
+    if isinstance(weight_decay, Tensor) and weight_decay.numel() != 1:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be one number)")
+    if not weight_decay >= 0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+    for flag, why in _REFUSED_FLAGS.items():
+        if group.get(flag):
+            raise ValueError(f"{flag}={group[flag]!r} is not supported by {owner}: {why}")
+    if group.get("foreach") not in (None, True, False):
+        raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
     extrapolation = group["extrapolation"]
     if extrapolation not in supports:
         raise ValueError(

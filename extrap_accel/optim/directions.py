@@ -41,8 +41,9 @@ def place_direction_(
     if variant == "past":
         for out, x, gk, state in zip(outs, anchors, local_grads, states):
             local_direction(group, out, x, gk, state, local_coef=local_coef, extrap_lr=extrap_lr)
-    elif variant == "stochastic":
-        place_stochastic_(outs, anchors, local_grads, averaged, extrap_lr=extrap_lr)
+    elif variant == "stochastic":  # maximize: ξ = −γ̃·((−gᵏ) − (−g))
+        sign = -1.0 if group.get("maximize") else 1.0
+        place_stochastic_(outs, anchors, local_grads, averaged, extrap_lr=sign * extrap_lr)
     elif variant in NOISE_EXTRAPOLATIONS:
         place_noise_(outs, anchors, group=group, generator=generator)
     else:

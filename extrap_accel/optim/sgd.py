@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -19,19 +19,21 @@ class ExtrapSGD(ExtrapOptimizer):
     .. math::
        \begin{aligned}
          &\textbf{input}: \gamma_t \text{ (lr)}, m \text{ (momentum)}, \lambda
-            \text{ (weight\_decay)}, \tilde m \text{ (extrap\_momentum, default } m),
+            \text{ (weight\_decay)}, \delta \text{ (dampening)}, \tilde m
+            \text{ (extrap\_momentum, default } m),
             \tilde\gamma_t = c\,\gamma_t/K \text{ (extrap\_scale } c \text{) or extrap\_lr} \\
-         &\textbf{initialize}: u_0 = \tilde u_0 = 0,\; d_0 = 0 \\
+         &\textbf{initialize}: d_0 = 0;\; u_1 = h_0,\; \tilde u^k_1 = \hat h^k_0
+            \text{ (undamped, as torch)};\; \textit{maximize}: g, g^k \leftarrow -g, -g^k \\
          &\textbf{for}\: t = 0, 1, \dots \textbf{ on worker } k: \\
          &\quad \tilde x^k_t = x_t - \tilde\gamma_{t-1} d^k_t
             \qquad\text{(what the parameters hold between steps)} \\
          &\quad g^k_t = \nabla f_{B^k_t}(\tilde x^k_t),\quad g_t = \tfrac1K\textstyle\sum_k g^k_t
             \qquad\text{(the usual all-reduce)} \\
-         &\quad h_t = g_t + \lambda x_t,\; u_{t+1} = m u_t + h_t,\;
+         &\quad h_t = g_t + \lambda x_t,\; u_{t+1} = m u_t + (1-\delta) h_t,\;
             x_{t+1} = x_t - \gamma_t (h_t + m u_{t+1}) \quad
             (\text{heavy ball: } x_t - \gamma_t u_{t+1}) \\
          &\quad \hat h^k_t = g^k_t + \lambda x_{t+1},\; \tilde u^k_{t+1} = \tilde m \tilde u^k_t
-            + \hat h^k_t,\; d^k_{t+1} = \hat h^k_t + \tilde m \tilde u^k_{t+1}
+            + (1-\delta) \hat h^k_t,\; d^k_{t+1} = \hat h^k_t + \tilde m \tilde u^k_{t+1}
             \quad (\text{heavy ball: } \tilde u^k_{t+1}) \\
          &\textbf{return}\: x_t \text{ (the anchor: } \texttt{optimizer.eval()}
             \text{ or } \texttt{extrap\_accel.attach)}
@@ -40,8 +42,15 @@ class ExtrapSGD(ExtrapOptimizer):
     With ``extrapolation`` other than ``"past"`` the displacement x̃ − x is instead Gaussian or
     uniform noise of scale ``noise_scale`` (per coordinate, or per filter with ``filterwise``),
     ``"stochastic"``: −γ̃(gᵏ − g), or ``"fresh"``: −γ̃∇f(x) from an extra closure call.
-    ``extrap_scale = 0`` is exactly ``torch.optim.SGD`` (dampening 0). The paper's symbols:
-    γ = ``lr``, γ̃ = ``extrap_lr``, m = ``momentum``, λ = ``weight_decay``.
+    The paper's symbols: γ = ``lr``, γ̃ = ``extrap_lr``, m = ``momentum``, λ = ``weight_decay``.
+
+    A drop-in for ``torch.optim.SGD``: the same arguments in the same order with the same
+    defaults, and ``extrap_scale = 0`` is exactly ``torch.optim.SGD``. torch's options act on
+    the local direction d as on the base update: ``maximize`` negates g and every gᵏ;
+    ``dampening`` δ gives u ← m·u + (1−δ)·h and ũ ← m̃·ũ + (1−δ)·ĥ (both buffers start undamped,
+    as torch's). A tensor ``lr`` is used as torch uses it; complex parameters are stepped as
+    torch steps them. ``fused=True`` and ``differentiable=True`` are refused (ValueError), as
+    are sparse gradients (torch's SGD takes them).
 
     Between steps the parameters hold x̃; call ``optimizer.eval()`` before evaluating or saving
     and ``optimizer.train()`` after, or ``extrap_accel.attach(model, optimizer)`` once.
@@ -49,15 +58,24 @@ class ExtrapSGD(ExtrapOptimizer):
     """
 
     _local_state_keys = ("extrap_momentum_buffer",)
+    _group_keys_since_0_1: ClassVar[dict[str, Any]] = {
+        "dampening": 0.0, "maximize": False, "foreach": None, "differentiable": False,
+        "fused": None,
+    }  # fmt: skip
 
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float | Tensor = 1e-3,
         momentum: float = 0.0,
-        weight_decay: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float | Tensor = 0.0,
         nesterov: bool = False,
         *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         extrap_scale: float = 1.0,
         extrap_lr: float | None = None,
         extrap_momentum: float | None = None,
@@ -67,13 +85,17 @@ class ExtrapSGD(ExtrapOptimizer):
         filterwise: bool = False,
         seed: int = 0,
         world_size: int | None = None,
-        foreach: bool | None = None,
     ):
         defaults = dict(
             lr=lr,
             momentum=momentum,
+            dampening=dampening,
             weight_decay=weight_decay,
             nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
             extrap_scale=extrap_scale,
             extrap_lr=extrap_lr,
             extrap_momentum=extrap_momentum,
@@ -81,18 +103,17 @@ class ExtrapSGD(ExtrapOptimizer):
             extrapolation=extrapolation,
             noise_scale=noise_scale,
             filterwise=filterwise,
-            foreach=foreach,
         )
         super().__init__(params, defaults, seed=seed, world_size=world_size)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         momentum, extrap_momentum = group["momentum"], group["extrap_momentum"]
-        if momentum < 0:
+        if not momentum >= 0:
             raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
-        if extrap_momentum is not None and extrap_momentum < 0:
+        if extrap_momentum is not None and not extrap_momentum >= 0:
             raise ValueError(f"Invalid extrap_momentum value: {extrap_momentum} (must be >= 0)")
-        if group["nesterov"] and momentum <= 0:
-            raise ValueError("Nesterov momentum requires momentum > 0 (dampening is always 0)")
+        if group["nesterov"] and (momentum <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super()._check_group(group)
 
     def _step_group(self, group: dict[str, Any], local_coef: float) -> None:
@@ -103,15 +124,18 @@ class ExtrapSGD(ExtrapOptimizer):
         anchors, grads, local_grads, bufs, extrap_bufs = [], [], [], [], []
         for p in params:
             if p.grad.is_sparse:
-                raise RuntimeError("ExtrapSGD does not support sparse gradients")
+                raise RuntimeError(
+                    "ExtrapSGD does not support sparse gradients (torch.optim.SGD does): use "
+                    "dense gradients, e.g. nn.Embedding(sparse=False)"
+                )
             state = self.state[p]
             anchors.append(self.core.ensure_anchor(p))
             grads.append(p.grad)
             local_grads.append(self.local_grad(p))
             bufs.append(state.get("momentum_buffer"))
             extrap_bufs.append(state.get("extrap_momentum_buffer"))
-        lr = float(group["lr"])
-        gamma = self.extrap_lr(group, lr)
+        lr = group["lr"]
+        gamma = self.extrap_lr(group, float(lr))
         extrap_momentum = group["extrap_momentum"]
         if extrap_momentum is None:
             extrap_momentum = group["momentum"]
@@ -126,8 +150,10 @@ class ExtrapSGD(ExtrapOptimizer):
             extrap_lr=gamma,
             momentum=group["momentum"],
             extrap_momentum=extrap_momentum,
+            dampening=group["dampening"],
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
+            maximize=group["maximize"],
             local_coef=local_coef,
             direction=variant == "past",
             foreach=group["foreach"],
@@ -147,9 +173,10 @@ class ExtrapSGD(ExtrapOptimizer):
         extrap_sgd(
             [torch.empty_like(p) for p in params],  # scratch
             [p.data for p in params], grads, grads, bufs, [None] * len(params),
-            lr=float(group["lr"]), extrap_lr=0.0, momentum=group["momentum"],
-            extrap_momentum=0.0, weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-            direction=False, foreach=group["foreach"],
+            lr=group["lr"], extrap_lr=0.0, momentum=group["momentum"], extrap_momentum=0.0,
+            dampening=group["dampening"], weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"], maximize=group["maximize"], direction=False,
+            foreach=group["foreach"],
         )  # fmt: skip
         for p, buf in zip(params, bufs):
             if buf is not None:
@@ -169,8 +196,9 @@ class ExtrapSGD(ExtrapOptimizer):
                 ubuf = state["extrap_momentum_buffer"] = torch.empty_like(x)
                 first = True
         _sgd_direction_(
-            out, x, gk, ubuf, coef=local_coef, weight_decay=group["weight_decay"],
-            momentum=momentum, nesterov=group["nesterov"], extrap_lr=extrap_lr, first=first,
+            out, x, gk, ubuf, coef=-local_coef if group["maximize"] else local_coef,
+            weight_decay=group["weight_decay"], momentum=momentum, dampening=group["dampening"],
+            nesterov=group["nesterov"], extrap_lr=extrap_lr, first=first,
         )  # fmt: skip
 
 
@@ -182,12 +210,14 @@ def extrap_sgd(
     momentum_buffers: list[Tensor | None],
     extrap_buffers: list[Tensor | None],
     *,
-    lr: float,
+    lr: float | Tensor,
     extrap_lr: float,
     momentum: float,
     extrap_momentum: float,
-    weight_decay: float,
+    weight_decay: float | Tensor,
     nesterov: bool,
+    dampening: float = 0.0,
+    maximize: bool = False,
     local_coef: float = 1.0,
     direction: bool = True,
     foreach: bool | None = None,
@@ -197,7 +227,8 @@ def extrap_sgd(
     Updates ``anchors`` (x) with the averaged ``grads`` exactly as ``torch.optim.SGD`` would
     update the parameters, then (``direction=True``) writes x̃ = x − γ̃·d into ``params`` from
     ``local_grads`` (scaled by ``local_coef``, the local clipping factor). Buffers that are
-    None are created and stored back into the two buffer lists.
+    None are created and stored back into the two buffer lists. ``maximize`` negates g and gᵏ;
+    ``dampening`` damps both momentum buffers.
     """
     kernel = _single_tensor_extrap_sgd if foreach is False else _multi_tensor_extrap_sgd
     kernel(
@@ -211,27 +242,35 @@ def extrap_sgd(
         extrap_lr=extrap_lr,
         momentum=momentum,
         extrap_momentum=extrap_momentum,
+        dampening=dampening,
         weight_decay=weight_decay,
         nesterov=nesterov,
+        maximize=maximize,
         local_coef=local_coef,
         direction=direction,
     )
 
 
 def _single_tensor_extrap_sgd(
-    params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, *,
-    lr, extrap_lr, momentum, extrap_momentum, weight_decay, nesterov, local_coef, direction,
+    params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, *, lr, extrap_lr,
+    momentum, extrap_momentum, dampening, weight_decay, nesterov, maximize, local_coef, direction,
 ):  # fmt: skip
     # The parameter p holds x̃_t, which is dead once the gradients exist: temporaries go into p.
+    coef = -local_coef if maximize else local_coef  # maximize: ĥ from −gᵏ
     for i, (p, x, g, gk) in enumerate(zip(params, anchors, grads, local_grads)):
         # Base update at the anchor, torch.optim.SGD's operations in its order (bitwise equal).
-        h = g if weight_decay == 0 else torch.add(g, x, alpha=weight_decay, out=p)
+        if maximize:
+            h = torch.neg(g, out=p)
+            if weight_decay != 0:
+                h.add_(x, alpha=weight_decay)
+        else:
+            h = g if weight_decay == 0 else torch.add(g, x, alpha=weight_decay, out=p)
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
                 buf = momentum_buffers[i] = h.detach().clone()
             else:
-                buf.mul_(momentum).add_(h)
+                buf.mul_(momentum).add_(h, alpha=1 - dampening)
             h = torch.add(h, buf, alpha=momentum, out=p) if nesterov else buf
         x.add_(h, alpha=-lr)
         if not direction:
@@ -246,15 +285,16 @@ def _single_tensor_extrap_sgd(
         tensors = (p, x, gk) if ubuf is None else (p, x, gk, ubuf)
         for chunk in _chunks(tensors):
             _sgd_direction_(
-                *chunk, coef=local_coef, weight_decay=weight_decay, momentum=extrap_momentum,
-                nesterov=nesterov, extrap_lr=extrap_lr, first=first,
+                *chunk, coef=coef, weight_decay=weight_decay, momentum=extrap_momentum,
+                dampening=dampening, nesterov=nesterov, extrap_lr=extrap_lr, first=first,
             )  # fmt: skip
 
 
 def _sgd_direction_(
-    p, x, gk, ubuf=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first
+    p, x, gk, ubuf=None, *, coef, weight_decay, momentum, dampening, nesterov, extrap_lr, first
 ):
-    """p ← x − γ̃·d:  ĥ = c·gᵏ + λx,  ũ ← m̃ũ + ĥ (ũ = ĥ at first),  d = ĥ + m̃ũ (heavy ball ũ).
+    """p ← x − γ̃·d:  ĥ = c·gᵏ + λx,  ũ ← m̃ũ + (1−δ)ĥ (ũ = ĥ at first),  d = ĥ + m̃ũ
+    (heavy ball: d = ũ). c carries the local clipping factor and the sign of ``maximize``.
 
     One tensor or one chunk; p is the scratch (it may be overwritten before it is read).
     """
@@ -270,8 +310,10 @@ def _sgd_direction_(
     if ubuf is not None:
         if first:
             ubuf.copy_(hk)
-        else:
+        elif dampening == 0:
             torch.add(hk, ubuf, alpha=momentum, out=ubuf)
+        else:
+            ubuf.mul_(momentum).add_(hk, alpha=1 - dampening)
         if extrap_lr != 0:
             d = torch.add(hk, ubuf, alpha=momentum, out=p) if nesterov else ubuf
     if extrap_lr == 0:
@@ -281,12 +323,13 @@ def _sgd_direction_(
 
 
 def _multi_tensor_extrap_sgd(
-    params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, *,
-    lr, extrap_lr, momentum, extrap_momentum, weight_decay, nesterov, local_coef, direction,
+    params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, *, lr, extrap_lr,
+    momentum, extrap_momentum, dampening, weight_decay, nesterov, maximize, local_coef, direction,
 ):  # fmt: skip
     kw = dict(
         lr=lr, extrap_lr=extrap_lr, momentum=momentum, extrap_momentum=extrap_momentum,
-        weight_decay=weight_decay, nesterov=nesterov, local_coef=local_coef, direction=direction,
+        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+        local_coef=local_coef, direction=direction,
     )  # fmt: skip
     for idx in _group_by_device_and_dtype(anchors):
         large, idx = _split_large(anchors, idx)
@@ -306,16 +349,21 @@ def _multi_tensor_extrap_sgd(
 
 
 def _foreach_extrap_sgd(
-    params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, idx, *,
-    lr, extrap_lr, momentum, extrap_momentum, weight_decay, nesterov, local_coef, direction,
+    params, anchors, grads, local_grads, momentum_buffers, extrap_buffers, idx, *, lr, extrap_lr,
+    momentum, extrap_momentum, dampening, weight_decay, nesterov, maximize, local_coef, direction,
 ):  # fmt: skip
     P = [params[i] for i in idx]
     X = [anchors[i] for i in idx]
     G = [grads[i] for i in idx]
     # Base update at the anchor, in torch.optim.SGD's foreach order (bitwise equal).
-    H = G if weight_decay == 0 else torch._foreach_add(G, X, alpha=weight_decay)
+    if maximize:
+        H = torch._foreach_neg(G)
+        if weight_decay != 0:
+            torch._foreach_add_(H, X, alpha=weight_decay)
+    else:
+        H = G if weight_decay == 0 else torch._foreach_add(G, X, alpha=weight_decay)
     if momentum != 0:
-        bufs = _update_buffers(momentum_buffers, idx, H, momentum)
+        bufs = _update_buffers(momentum_buffers, idx, H, momentum, dampening)
         if nesterov and H is G:
             # torch adds in place into the gradients; g stays intact for the local step.
             H = torch._foreach_add(G, bufs, alpha=momentum)
@@ -345,13 +393,14 @@ def _foreach_extrap_sgd(
     lists = (P, X, Gk) if U is None else (P, X, Gk, U)
     for batch in _batches(lists):
         _foreach_sgd_direction_(
-            *batch, coef=local_coef, weight_decay=weight_decay, momentum=extrap_momentum,
-            nesterov=nesterov, extrap_lr=extrap_lr, first=first,
+            *batch, coef=-local_coef if maximize else local_coef, weight_decay=weight_decay,
+            momentum=extrap_momentum, dampening=dampening, nesterov=nesterov,
+            extrap_lr=extrap_lr, first=first,
         )  # fmt: skip
 
 
 def _foreach_sgd_direction_(
-    P, X, Gk, U=None, *, coef, weight_decay, momentum, nesterov, extrap_lr, first
+    P, X, Gk, U=None, *, coef, weight_decay, momentum, dampening, nesterov, extrap_lr, first
 ):
     """Foreach form of :func:`_sgd_direction_`: in-place operations only, P as the scratch."""
     Hk = Gk
@@ -367,7 +416,7 @@ def _foreach_sgd_direction_(
             torch._foreach_copy_(U, Hk)
         else:
             torch._foreach_mul_(U, momentum)
-            torch._foreach_add_(U, Hk)
+            torch._foreach_add_(U, Hk, alpha=1 - dampening)
     if extrap_lr == 0:
         torch._foreach_copy_(P, X)
         return
@@ -387,18 +436,20 @@ def _foreach_sgd_direction_(
         torch._foreach_add_(P, U, alpha=-extrap_lr * momentum if nesterov else -extrap_lr)
 
 
-def _update_buffers(buffers: list, idx: list[int], H: list[Tensor], momentum: float) -> list:
-    """buf = m·buf + h (created as a copy of h on the first step), as torch.optim.SGD does."""
+def _update_buffers(
+    buffers: list, idx: list[int], H: list[Tensor], momentum: float, dampening: float
+) -> list:
+    """buf = m·buf + (1−δ)·h (created as a copy of h on the first step), as torch.optim.SGD."""
     bufs = [buffers[i] for i in idx]
     if all(b is not None for b in bufs):
         torch._foreach_mul_(bufs, momentum)
-        torch._foreach_add_(bufs, H)
+        torch._foreach_add_(bufs, H, alpha=1 - dampening)
         return bufs
     for j, i in enumerate(idx):
         if bufs[j] is None:
             bufs[j] = buffers[i] = H[j].detach().clone()
         else:
-            bufs[j].mul_(momentum).add_(H[j])
+            bufs[j].mul_(momentum).add_(H[j], alpha=1 - dampening)
     return bufs
 
 
