@@ -166,10 +166,17 @@ def test_fresh_is_refused_under_ddp(fp32):
         assert "not supported under data parallelism" in r["fresh_error"]
 
 
-def test_plain_accelerator_prepare_still_extrapolates_locally(fp32):
+def test_plain_accelerator_prepare_stops_at_the_first_step_unless_in_manual_mode(fp32):
+    """accelerator.prepare without extrap_accel.prepare would save and evaluate x̃: the first
+    step refuses (naming the fix) and changes nothing; extrap_accel.manual_mode(optimizer)
+    opts out, trains, extrapolates locally, and optimizer.eval() makes get_state_dict the anchor."""
     for r in fp32:
         p = r["plain_prepare"]
+        assert "extrap_accel.prepare(accelerator, model, optimizer, ...)" in p["refused"]
+        assert "extrap_accel.manual_mode(optimizer)" in p["refused"]
+        assert p["refused_step_changed_nothing"]
         assert p["captures"] and p["anchors_equal"] and p["points_differ"]
+        assert p["manual_save_is_anchor"]
         assert p["loss_last"] < p["loss_first"]
 
 

@@ -240,6 +240,10 @@ def test_accelerate_launch_with_a_deepspeed_config(tmp_path):
         assert r["points_differ"] and r["get_state_dict_is_anchor"]
         assert r["resume_bit_identical"]
         assert "LARS under DeepSpeed" in r["lars_refused"]
+        named = r["config_named"]  # the config names ExtrapSGD; the script passes DummyOptim
+        assert named["built"] == ["ExtrapSGD", 0.05, 1e-4, 0.9, True]
+        assert named["displaced"] and named["config_kept"]
+        assert "pass exactly one accelerate.utils.DummyOptim" in named["real_optimizer_error"]
 
 
 @pytest.mark.gpu

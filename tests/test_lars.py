@@ -89,6 +89,8 @@ def test_fp16_loss_scaling_is_undone_before_the_norms(name):
         opt = extrap_accel.create_optimizer(name, model.parameters(), lr=0.1, momentum=0.9,
                                             weight_decay=1e-2)  # fmt: skip
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if scaled else None
+        if name != "sgd":  # (no model to attach; nothing is saved here)
+            extrap_accel.manual_mode(opt)
         lars = extrap_accel.LARS(AcceleratedOptimizer(opt, device_placement=False,
                                                       scaler=scaler), clip=False)  # fmt: skip
         for t in range(3):

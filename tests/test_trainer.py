@@ -154,13 +154,71 @@ def test_training_a_trainer_that_was_not_attached_fails_at_the_first_step(tmp_pa
               "optimizers" else {"optimizer_cls_and_kwargs": (ExtrapAdam, {"lr": 1e-3})})
     trainer = _trainer(tmp_path, model=model, train_dataset=data, **kwargs)
     trainer.args.max_steps = 1
-    with pytest.raises(RuntimeError, match=r"not attached: call extrap_accel.attach\(trainer\)"):
+    with pytest.raises(RuntimeError, match=r"not made anchor-safe.*extrap_accel.attach\(trainer\)"):
         trainer.train()
     attached = _trainer(tmp_path, model=_tiny_model(), train_dataset=data,
                         optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3}))  # fmt: skip
     attached.args.max_steps = 1
     extrap_accel.attach(attached)
     attached.train()  # the same setup, attached: trains
+
+
+def test_the_private_trainer_hooks_extrap_accel_wraps_still_exist_and_are_called():
+    """The only private Trainer methods extrap_accel relies on (PRIVATE_HOOKS): fails loudly
+    here when transformers renames one, changes its parameters or stops calling it."""
+    import inspect
+
+    from extrap_accel.integrations.transformers import PRIVATE_HOOKS, check_private_hooks
+
+    check_private_hooks(transformers.Trainer)
+    source = inspect.getsource(transformers.Trainer)
+    for name in PRIVATE_HOOKS:
+        assert f"self.{name}(" in source, name
+
+    class Renamed(transformers.Trainer):
+        _load_optimizer_and_scheduler = None
+
+    with pytest.raises(RuntimeError, match="no Trainer._load_optimizer_and_scheduler"):
+        check_private_hooks(Renamed)
+
+
+def test_extrap_trainer_with_a_registry_name_trains_and_checkpoints_the_anchor(tmp_path):
+    """ExtrapTrainer (attach built in) + trainer_optimizer("extrap_sgd_gaussian", ...)."""
+    from safetensors.torch import load_file
+
+    ids = torch.randint(0, 16, (8, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    cls_and_kwargs = extrap_accel.trainer_optimizer(
+        "extrap_sgd_gaussian", lr=0.1, momentum=0.9, weight_decay=0.0, noise_scale=1e-2
+    )
+    assert cls_and_kwargs == (ExtrapSGD, {"extrapolation": "gaussian", "lr": 0.1,
+                                          "momentum": 0.9, "weight_decay": 0.0,
+                                          "noise_scale": 1e-2})  # fmt: skip
+    args = transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none",
+                                          max_steps=2, save_steps=2, per_device_train_batch_size=4)
+    trainer = extrap_accel.ExtrapTrainer(model=_tiny_model(), args=args, train_dataset=data,
+                                         optimizer_cls_and_kwargs=cls_and_kwargs)  # fmt: skip
+    assert extrap_accel.attach(trainer) is trainer.extrap_callback  # already attached
+    trainer.train()
+    opt = trainer.extrap_callback.optimizer
+    assert isinstance(opt, ExtrapSGD) and opt.param_groups[0]["extrapolation"] == "gaussian"
+    saved = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(saved[n], opt.anchor(params[n])) for n in saved if n in params)
+    assert any(not torch.equal(p, opt.anchor(p)) for p in params.values())  # x̃ in training
+    assert (tmp_path / "checkpoint-2" / "extrap_accel_rank0.pt").is_file()
+
+
+def test_trainer_optimizer_refuses_what_would_fail_later():
+    with pytest.raises(TypeError, match="give lr"):
+        extrap_accel.trainer_optimizer("extrap_adam")
+    with pytest.raises(ValueError, match="not an extrap_accel optimizer.*ExtrapSGD, ExtrapAdam"):
+        extrap_accel.trainer_optimizer("adamw", lr=1e-3)
+    with pytest.raises(ValueError, match="needs noise_scale"):
+        extrap_accel.trainer_optimizer("extrap_sgd_uniform", lr=0.1)
+    with pytest.raises(ValueError):  # the class's own check, now rather than at train()
+        extrap_accel.trainer_optimizer("ExtrapSGD", lr=-1.0)
+    assert extrap_accel.trainer_optimizer("ExtrapAdam", lr=1e-3) == (ExtrapAdam, {"lr": 1e-3})
 
 
 def test_resuming_a_save_only_model_checkpoint_warns_that_the_optimizer_starts_afresh(tmp_path):
@@ -251,7 +309,7 @@ def test_deepspeed_setups_that_cannot_work_fail_loudly():
     with pytest.raises(ValueError, match="discards.*optimizer_cls_and_kwargs=\\(ExtrapAdam"):
         _check_backend(_stub_trainer(opt, zero1))
     named = dict(zero1, optimizer={"type": "AdamW", "params": {"lr": 1e-3}})
-    with pytest.raises(ValueError, match="names an optimizer \\('AdamW'\\).*Remove"):
+    with pytest.raises(ValueError, match="names an optimizer \\('AdamW'\\).*remove that section"):
         _check_backend(_stub_trainer(None, named, cls_and_kwargs=(ExtrapAdam, {})))
     stochastic = (ExtrapSGD, {"lr": 0.1, "extrapolation": "stochastic"})
     with pytest.raises(NotImplementedError, match="'stochastic' is not correct.*needs the whole averaged gradient"):
@@ -269,53 +327,148 @@ def test_deepspeed_setups_that_cannot_work_fail_loudly():
 
 
 _DEEPSPEED_SCRIPT = r"""
-import json, sys, torch, transformers, extrap_accel
+import json, os, sys, torch, transformers, extrap_accel
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 from extrap_accel import ExtrapAdam
-torch.manual_seed(0)
+out = sys.argv[1]
 config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2,
                                  bos_token_id=0, eos_token_id=0)
-ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-      "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}
-errors = {}
-for way in ("optimizers", "config_optimizer"):
+ids = torch.randint(0, 16, (8, 8), generator=torch.Generator().manual_seed(0))
+data = [{"input_ids": x, "labels": x} for x in ids]
+AUTO = ("lr", "betas", "eps", "weight_decay")
+
+
+def model():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def shipped(name):
+    with open(os.path.join("accelerate_configs", name)) as f:
+        return json.load(f)
+
+
+def trainer(ds, folder, cls=transformers.Trainer, args=None, **kwargs):
     AcceleratorState._reset_state(True)  # one DeepSpeed Accelerator per process otherwise
-    model = transformers.GPT2LMHeadModel(config)
-    if way == "optimizers":
-        kwargs = {"optimizers": (ExtrapAdam(model.parameters()), None)}
-        cfg = ds
-    else:
-        kwargs = {"optimizer_cls_and_kwargs": (ExtrapAdam, {"lr": 1e-3})}
-        cfg = dict(ds, optimizer={"type": "ExtrapAdam", "params": {"lr": 1e-3}})
-    args = transformers.TrainingArguments(sys.argv[1], use_cpu=True, report_to="none",
-                                          deepspeed=cfg)
-    trainer = transformers.Trainer(model=model, args=args, **kwargs)
+    args = transformers.TrainingArguments(
+        os.path.join(out, folder), use_cpu=True, report_to="none", deepspeed=ds,
+        per_device_train_batch_size=4, max_steps=2, save_steps=2, **(args or {}))
+    return cls(model=model(), args=args, train_dataset=data, **kwargs)
+
+
+def error(fn):
     try:
-        extrap_accel.attach(trainer)
-        errors[way] = None
+        fn()
+        return None
     except Exception as e:
-        errors[way] = [type(e).__name__, str(e), trainer.is_deepspeed_enabled]
-print("RESULT " + json.dumps(errors))
+        return [type(e).__name__, str(e)]
+
+
+r = {}
+zero1 = shipped("ds_zero1_auto.json")
+t = trainer(zero1, "a", optimizers=(ExtrapAdam(model().parameters(), lr=1e-3), None))
+r["optimizers"] = error(lambda: extrap_accel.attach(t)) + [t.is_deepspeed_enabled]
+both = dict(zero1, optimizer={"type": "ExtrapAdam", "params": {"lr": 1e-3}})
+t = trainer(both, "b", optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3}))
+r["config_optimizer"] = error(lambda: extrap_accel.attach(t)) + [t.is_deepspeed_enabled]
+sgd = dict(zero1, optimizer={"type": "extrap_sgd_gaussian",
+                             "params": dict({k: "auto" for k in AUTO}, noise_scale=1e-3)})
+t = trainer(sgd, "c", args={"learning_rate": 0.02, "weight_decay": 0.01})
+extrap_accel.attach(t)
+r["sgd"] = [t.optimizer_cls_and_kwargs[0].__name__, t.optimizer_cls_and_kwargs[1],
+            "optimizer" in t.args.hf_deepspeed_config.config]
+unknown = dict(zero1, optimizer={"type": "extrap_sgd_nosuch", "params": {"lr": 0.1}})
+r["unknown"] = error(lambda: extrap_accel.attach(trainer(unknown, "d")))
+# the shipped JSONs with default TrainingArguments: the Trainer's mismatch check
+for name in ("ds_zero0_auto.json", "ds_zero1_auto.json", "ds_zero2_auto.json",
+             "ds_zero3_auto.json", "ds_zero2_bf16.json"):
+    t = trainer(os.path.join("accelerate_configs", name), name,
+                optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3}))
+    r[name] = error(lambda: t.args.hf_deepspeed_config.trainer_config_finalize(t.args, t.model, 8))
+# ExtrapTrainer trains from the ZeRO-2 "auto" JSON naming ExtrapAdam, every value "auto"
+named = dict(shipped("ds_zero2_auto.json"),
+             optimizer={"type": "ExtrapAdam", "params": {k: "auto" for k in AUTO}})
+t = trainer(named, "train", cls=extrap_accel.ExtrapTrainer,
+            args={"learning_rate": 3e-3, "adam_beta1": 0.8, "adam_epsilon": 1e-7,
+                  "weight_decay": 0.05})
+t.train()
+adapter = t.model_wrapped._extrap_accel_adapter
+ckpt = os.path.join(out, "train", "checkpoint-2")
+saved = load_file(os.path.join(ckpt, "model.safetensors"))
+params = dict(t.model_wrapped.module.named_parameters())
+r["trained"] = {
+    "kwargs": t.optimizer_cls_and_kwargs[1], "engine": type(t.model_wrapped).__name__,
+    "optimizer": type(adapter.optimizer).__name__,
+    "lr": adapter.optimizer.param_groups[0]["initial_lr"],
+    "local_file": os.path.isfile(os.path.join(ckpt, "global_step2", "extrap_accel_rank0.pt")),
+    "saved": sorted(n for n in saved if n in params),
+    "saved_is_anchor": all(torch.equal(saved[n], adapter.anchor(params[n]))
+                           for n in saved if n in params),
+    "point_differs": any(not torch.equal(adapter.point(p), adapter.anchor(p))
+                         for p in params.values()),
+}
+print("RESULT " + json.dumps(r))
 """
 
 
-def test_a_real_deepspeed_trainer_that_would_drop_the_optimizer_is_refused(tmp_path):
-    """TrainingArguments(deepspeed=...) + Trainer(...): an optimizer passed with optimizers=
-    (the Trainer would discard it) and a DeepSpeed config naming an optimizer (the Trainer
-    would hand that to DeepSpeed) fail at attach, never train with another optimizer.
-    In a subprocess: the DeepSpeed setup leaves process-wide accelerate state behind."""
+@pytest.fixture(scope="module")
+def deepspeed_single(tmp_path_factory):
+    """One subprocess (a DeepSpeed Accelerator leaves process-wide state behind), one rank."""
     pytest.importorskip("deepspeed")
     env = cpu_env()
     env.pop("ACCELERATE_USE_CPU")  # with it, accelerate would drop the DeepSpeed plugin
-    proc = subprocess.run([sys.executable, "-c", _DEEPSPEED_SCRIPT, str(tmp_path)], cwd=REPO,
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0")  # fmt: skip
+    out = tmp_path_factory.mktemp("trainer_deepspeed_single")
+    proc = subprocess.run([sys.executable, "-c", _DEEPSPEED_SCRIPT, str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    errors = json.loads(lines[0][len("RESULT "):])
-    name, message, enabled = errors["optimizers"]
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def test_a_real_deepspeed_trainer_that_would_drop_the_optimizer_is_refused(deepspeed_single):
+    """TrainingArguments(deepspeed=...) + Trainer(...): an optimizer passed with optimizers=
+    (the Trainer would discard it) and an optimizer named both in the DeepSpeed config and in
+    optimizer_cls_and_kwargs fail at attach, never train with another optimizer."""
+    name, message, enabled = deepspeed_single["optimizers"]
     assert enabled and name == "ValueError" and "optimizer_cls_and_kwargs" in message
-    name, message, enabled = errors["config_optimizer"]
+    name, message, enabled = deepspeed_single["config_optimizer"]
     assert enabled and name == "ValueError" and "'ExtrapAdam'" in message
+    assert "Name it in one place" in message
+
+
+def test_a_deepspeed_config_naming_our_optimizer_trains_with_the_trainer(deepspeed_single):
+    """"optimizer": {"type": "ExtrapAdam", "params": {every value "auto"}} with the ZeRO-2
+    "auto" JSON as shipped: ExtrapTrainer fills lr, betas, eps and weight_decay from the
+    TrainingArguments (as the Trainer does for DeepSpeed's own optimizers), the engine steps
+    ExtrapAdam through the adapter, the checkpoint holds the anchor and this rank's file."""
+    r = deepspeed_single["trained"]
+    assert r["kwargs"] == {"lr": 3e-3, "betas": [0.8, 0.999], "eps": 1e-7, "weight_decay": 0.05}
+    assert r["engine"] == "DeepSpeedEngine" and r["optimizer"] == "ExtrapAdam"
+    assert r["lr"] == 3e-3 and r["local_file"]
+    assert r["saved"] and r["saved_is_anchor"] and r["point_differs"]
+
+
+def test_a_deepspeed_sgd_config_drops_auto_betas_and_eps_and_unknown_types_list_names(
+    deepspeed_single,
+):
+    cls, kwargs, still_in_config = deepspeed_single["sgd"]
+    assert cls == "ExtrapSGD" and not still_in_config  # DeepSpeed never sees our type
+    assert kwargs == {"extrapolation": "gaussian", "lr": 0.02, "weight_decay": 0.01,
+                      "noise_scale": 1e-3}  # fmt: skip
+    name, message = deepspeed_single["unknown"]
+    assert "'extrap_sgd_nosuch'" in message and "ExtrapSGD, ExtrapAdam, extrap_adam" in message
+
+
+def test_the_auto_deepspeed_configs_work_with_default_training_arguments(deepspeed_single):
+    """ds_zero*_auto.json pass the Trainer's mismatch check as given; the explicit ones (for
+    accelerate launch) do not, without bf16=True and max_grad_norm=0."""
+    for stage in range(4):
+        assert deepspeed_single[f"ds_zero{stage}_auto.json"] is None
+    name, message = deepspeed_single["ds_zero2_bf16.json"]
+    assert "mismatch" in message.lower() and "gradient_clipping" in message
 
 
 # ---------------------------------------------------------------------- Trainer + DeepSpeed

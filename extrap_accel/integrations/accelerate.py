@@ -11,6 +11,7 @@ from .. import checkpoint
 from ..attach import _is_fsdp2_module, attach
 from ..handle import unwrap_module, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
+from .optimizer_spec import check_type, names_ours, resolve
 
 _REGISTRY_ATTR = "_extrap_accel_optimizers"
 
@@ -22,6 +23,9 @@ def prepare(accelerator, *objects: Any) -> Any:
     parameters (no-grad forwards, ``save_model``, ``get_state_dict`` and ``save_state`` see the
     anchor), hand it accelerate's GradScaler (fp16), and save/restore its per-rank state
     (x̃, local moments, noise generators) on every rank in ``save_state``/``load_state``.
+    Under DeepSpeed, a config whose ``"optimizer"`` names ``ExtrapSGD`` / ``ExtrapAdam`` / an
+    ``extrap_*`` registry name is built here: pass ``accelerate.utils.DummyOptim(params,
+    lr=..., weight_decay=...)`` in its place (``"auto"``: lr and weight_decay from it).
     Under accelerate's FSDP2 plugin (``fsdp_version: 2``) the prepared model is a ``fully_shard``
     module and gets the FSDP2 adapter (``extrap_accel.integrations.fsdp2``); accelerate's FSDP1
     plugin is refused. Returns what ``accelerator.prepare`` returns.
@@ -37,13 +41,19 @@ def prepare(accelerator, *objects: Any) -> Any:
             "extrap_accel.attach(model, optimizer); or use DDP (MULTI_GPU) or DeepSpeed"
         )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    config: dict = {}
     if deepspeed:
         plugin = accelerator.state.deepspeed_plugin
-        if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get(
-            "stage", 0
-        ) > 0:
-            plugin.deepspeed_config.setdefault("zero_allow_untested_optimizer", True)
-    prepared = accelerator.prepare(*objects)
+        config = plugin.deepspeed_config if plugin is not None else {}
+        if config.get("zero_optimization", {}).get("stage", 0) > 0:
+            config.setdefault("zero_allow_untested_optimizer", True)
+        objects = _build_config_optimizer(config, objects)
+    spec = config.pop("optimizer", None) if names_ours(config) else None
+    try:  # (accelerate would hand a section naming ours to DeepSpeed, which does not know it)
+        prepared = accelerator.prepare(*objects)
+    finally:
+        if spec is not None:
+            config["optimizer"] = spec
     items = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
     models = [o for o in items if isinstance(o, nn.Module)]
     registry = getattr(accelerator, _REGISTRY_ATTR, None)
@@ -78,6 +88,42 @@ def prepare(accelerator, *objects: Any) -> Any:
         if optimizer not in registry:
             registry.append(optimizer)
     return prepared
+
+
+def _build_config_optimizer(config: dict, objects: tuple) -> tuple:
+    """A DeepSpeed config whose ``"optimizer"`` names ours (``ExtrapSGD``, ``ExtrapAdam``, an
+    ``extrap_*`` registry name): build it in place of the ``accelerate.utils.DummyOptim`` the
+    script passes, as accelerate's docs say for a config-defined optimizer ("auto": ``lr`` and
+    ``weight_decay`` from the DummyOptim, as accelerate fills them)."""
+    from accelerate.utils import DummyOptim
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    from ..optim.registry import create_optimizer
+
+    spec = config.get("optimizer")
+    if not isinstance(spec, dict):
+        return objects
+    check_type(spec.get("type"), DEEPSPEED_OPTIMIZERS)
+    if not names_ours(config):
+        return objects  # DeepSpeed's own: accelerate's business
+    dummies = [i for i, o in enumerate(objects) if isinstance(o, DummyOptim)]
+    if len(dummies) != 1:
+        raise ValueError(
+            f"extrap_accel.prepare: the DeepSpeed config names the optimizer {spec.get('type')!r}; "
+            "pass exactly one accelerate.utils.DummyOptim(model.parameters(), lr=..., "
+            "weight_decay=...) in its place (extrap_accel.prepare builds it from the config), "
+            'or remove the config\'s "optimizer" section and pass the optimizer itself'
+        )
+    dummy = objects[dummies[0]]
+    if dummy.kwargs:
+        raise ValueError(
+            f"extrap_accel.prepare: DummyOptim(..., {', '.join(dummy.kwargs)}=...): only lr and "
+            'weight_decay fill the config\'s "auto" values; put the others in the DeepSpeed '
+            "config's optimizer params"
+        )
+    name, kwargs = resolve(spec, "accelerate", {"lr": dummy.lr, "weight_decay": dummy.weight_decay})
+    optimizer = create_optimizer(name, dummy.params, **kwargs)
+    return (*objects[: dummies[0]], optimizer, *objects[dummies[0] + 1 :])
 
 
 def _fsdp_version(accelerator) -> int:

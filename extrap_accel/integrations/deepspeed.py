@@ -386,15 +386,6 @@ def attach_engine(engine, optimizer=None):
     return adapter
 
 
-# DeepSpeed JSON "optimizer" types that name ours (class names and registry names)
-def _our_optimizer_name(type_name: str) -> str | None:
-    from ..optim.registry import list_optimizers
-
-    aliases = {"ExtrapSGD": "extrap_sgd", "ExtrapAdam": "extrap_adam"}
-    name = aliases.get(type_name, type_name)
-    return name if name in list_optimizers() and name.startswith("extrap") else None
-
-
 def initialize(model, config, optimizer=None, model_parameters=None, **kwargs):
     """``deepspeed.initialize`` that also builds an extrap_accel optimizer named in the config.
 
@@ -409,6 +400,7 @@ def initialize(model, config, optimizer=None, model_parameters=None, **kwargs):
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
     from ..optim.registry import create_optimizer
+    from .optimizer_spec import check_type, registry_name, resolve
 
     if isinstance(config, (str, os.PathLike)):
         with open(config) as f:
@@ -416,19 +408,12 @@ def initialize(model, config, optimizer=None, model_parameters=None, **kwargs):
     config = dict(config)
     spec = config.get("optimizer")
     if optimizer is None and spec is not None:
-        type_name = spec.get("type", "")
-        ours = _our_optimizer_name(type_name)
-        if ours is not None:
+        check_type(spec.get("type"), DEEPSPEED_OPTIMIZERS)
+        if registry_name(spec.get("type")) is not None:
             config.pop("optimizer")
+            name, spec_kwargs = resolve(spec, "deepspeed", {})
             params = model_parameters if model_parameters is not None else model.parameters()
-            optimizer = create_optimizer(ours, params, **spec.get("params", {}))
-        elif type_name.lower() not in DEEPSPEED_OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer type {type_name!r} in the DeepSpeed config: use one of "
-                f"ExtrapSGD, ExtrapAdam, the extrap_accel registry names "
-                f"(extrap_accel.list_optimizers()) or a DeepSpeed built-in "
-                f"({', '.join(sorted(DEEPSPEED_OPTIMIZERS))})"
-            )
+            optimizer = create_optimizer(name, params, **spec_kwargs)
     extrap = optimizer is not None
     try:
         unwrap_optimizer(optimizer)

@@ -1,14 +1,16 @@
-"""``extrap_accel.attach(trainer)``: extrap-SGD / extrap-Adam in the Hugging Face Trainer.
+"""``extrap_accel.ExtrapTrainer`` / ``attach(trainer)``: extrap-SGD / extrap-Adam in the Hugging
+Face Trainer.
 
-    from transformers import Trainer
     import extrap_accel
-    from extrap_accel import ExtrapAdam
 
-    trainer = Trainer(model, args, train_dataset=train, eval_dataset=val,
-                      optimizer_cls_and_kwargs=(ExtrapAdam, {"lr": 1e-3, "extrap_scale": 0.5}))
-    # or: Trainer(..., optimizers=(ExtrapAdam(model.parameters(), lr=1e-3), scheduler))
-    extrap_accel.attach(trainer)  # once, before trainer.train()
+    trainer = extrap_accel.ExtrapTrainer(   # or attach(Trainer(...)) before trainer.train()
+        model, args, train_dataset=train, eval_dataset=val,
+        optimizer_cls_and_kwargs=extrap_accel.trainer_optimizer("extrap_adam", lr=1e-3))
+    # or: optimizers=(ExtrapAdam(model.parameters(), lr=1e-3), scheduler)
     trainer.train()               # also trainer.train(resume_from_checkpoint=...)
+
+``ExtrapTrainerMixin`` gives a Trainer subclass of your own the same (``class
+MyTrainer(ExtrapTrainerMixin, Trainer)``).
 
 Single process, DDP (``torchrun``; on CPU ``TrainingArguments(use_cpu=True,
 ddp_backend="gloo")``) and DeepSpeed ZeRO-0/1/2/3 (``TrainingArguments(deepspeed=...)`` with
@@ -21,8 +23,10 @@ extrapolated point x̃ instead of the anchor x, and the Trainer saves the optimi
 main process only, so the other ranks' local state (x̃, local moments, noise generators) would
 be lost and a resumed run would not continue the same trajectory.
 
-What ``attach(trainer)`` installs (tested with transformers 5.24 on one process and under DDP,
-and 4.47.1 on one process; ``optimizer_cls_and_kwargs`` needs transformers >= 4.47):
+What ``attach(trainer)`` installs (tested with transformers 5.25 on one process, under DDP and
+DeepSpeed, and 4.47.1 on one process and DeepSpeed: ``.ci/transformers_oldest``;
+``optimizer_cls_and_kwargs`` needs transformers >= 4.47). The two private Trainer methods it
+wraps are listed in :data:`PRIVATE_HOOKS`; everything else is a callback:
 
 - ``attach(trainer.model, optimizer)`` (see ``extrap_accel.attach``), so that
   ``model.state_dict()`` — which ``save_model``, every checkpoint and ``push_to_hub`` go
@@ -71,8 +75,12 @@ Not supported (``attach`` raises):
 
 - Under DeepSpeed, an optimizer passed with ``optimizers=``: the Trainer discards it and builds
   its own (``transformers.integrations.deepspeed.deepspeed_init`` sets ``trainer.optimizer =
-  None``); likewise a DeepSpeed config with an ``"optimizer"`` section, which the Trainer would
-  hand to DeepSpeed instead. Both are refused with a pointer to ``optimizer_cls_and_kwargs``.
+  None``); likewise a DeepSpeed config whose ``"optimizer"`` section names DeepSpeed's own
+  optimizer, or names one while ``optimizer_cls_and_kwargs`` names another. A section that
+  names ours (``ExtrapSGD``, ``ExtrapAdam``, an ``extrap_*`` registry name) is taken instead:
+  it becomes ``optimizer_cls_and_kwargs`` ("auto": ``learning_rate``, ``adam_beta1/2``,
+  ``adam_epsilon``, ``weight_decay``; betas and eps do not apply to SGD) and leaves the config
+  DeepSpeed sees.
 - The Trainer's FSDP (FSDP2 is supported outside the Trainer: ``attach(model, optimizer)`` on
   a ``fully_shard`` model, ``extrap_accel.integrations.fsdp2``).
 - Any optimizer that is not an extrap_accel optimizer (TypeError), including the Trainer's
@@ -99,14 +107,15 @@ import os
 import warnings
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .. import checkpoint
 from ..handle import AttachHandle, attach_module, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
-from ..optim.registry import check_deepspeed_variant, variant_info
+from ..optim.registry import check_deepspeed_variant, get_optimizer_info, variant_info
+from .optimizer_spec import check_type, names_ours, registry_name, resolve
 
-__all__ = ["ExtrapTrainerCallback", "attach_trainer"]
+__all__ = ["ExtrapTrainer", "ExtrapTrainerCallback", "ExtrapTrainerMixin", "attach_trainer"]
 
 _ATTR = "_extrap_accel_trainer_callback"
 _CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
@@ -121,21 +130,63 @@ def attach_trainer(trainer) -> ExtrapTrainerCallback:
     existing = getattr(trainer, _ATTR, None)
     if existing is not None:
         return existing
+    check_private_hooks(type(trainer))
+    _adopt_config_optimizer(trainer)
     _check_backend(trainer)
     _check_optimizer(trainer)
-    for name in ("_save_checkpoint", "_load_optimizer_and_scheduler"):
-        if not callable(getattr(trainer, name, None)):
-            raise RuntimeError(
-                f"attach(trainer): this transformers version has no Trainer.{name}, which "
-                "extrap_accel wraps to save and restore each rank's extrapolation state; "
-                "use transformers>=4.47"
-            )
     callback = ExtrapTrainerCallback(trainer)
     trainer.add_callback(callback)
     setattr(trainer, _ATTR, callback)
     if trainer.optimizer is not None:
         callback.attach_model()
     return callback
+
+
+class ExtrapTrainerMixin:
+    """``attach(trainer)`` built in: ``class MyTrainer(ExtrapTrainerMixin, Trainer)`` (the mixin
+    first). Every instance is attached when it is constructed; ``trainer.extrap_callback`` is
+    the callback ``attach`` returns."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.extrap_callback = attach_trainer(self)
+
+
+class ExtrapTrainer(ExtrapTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that trains, saves and resumes an extrap_accel optimizer
+    correctly: the same as ``extrap_accel.attach(Trainer(...))``. Pass the optimizer as for the
+    Trainer (``optimizer_cls_and_kwargs=extrap_accel.trainer_optimizer(...)``, ``optimizers=``,
+    or under DeepSpeed a config whose ``"optimizer"`` names ``ExtrapSGD`` / ``ExtrapAdam``)."""
+
+
+# The Trainer's private methods extrap_accel wraps, with the parameters it passes on: the only
+# private names of transformers it relies on, all here. attach(trainer) refuses when one is
+# missing or takes other parameters, and tests/test_trainer.py fails loudly (the end-to-end
+# runs also fail when transformers stops calling them).
+PRIVATE_HOOKS = {
+    "_save_checkpoint": ("model", "trial"),  # after the Trainer wrote checkpoint-N: each rank's file
+    "_load_optimizer_and_scheduler": ("checkpoint",),  # stage each rank's file before the load
+}
+
+
+def check_private_hooks(trainer_cls: type) -> None:
+    """Refuse a Trainer class whose private hooks (:data:`PRIVATE_HOOKS`) changed."""
+    import inspect
+
+    for name, expected in PRIVATE_HOOKS.items():
+        method = getattr(trainer_cls, name, None)
+        params = None
+        if callable(method):
+            params = tuple(inspect.signature(method).parameters)[1:len(expected) + 1]
+        if params != expected:
+            import transformers
+
+            raise RuntimeError(
+                f"attach(trainer): transformers {transformers.__version__} has no "
+                f"Trainer.{name}({', '.join(expected)}, ...), which extrap_accel wraps to save "
+                "and restore each rank's extrapolation state; use a transformers version the "
+                "extrap_accel release supports (pyproject.toml)"
+            )
 
 
 class ExtrapTrainerCallback(TrainerCallback):
@@ -145,14 +196,11 @@ class ExtrapTrainerCallback(TrainerCallback):
         self.trainer = trainer
         self.handle: AttachHandle | None = None
         self.adapter = None  # the DeepSpeed engine adapter, under DeepSpeed
-        self._originals = {
-            "_save_checkpoint": trainer._save_checkpoint,
-            "_load_optimizer_and_scheduler": trainer._load_optimizer_and_scheduler,
-        }
         # Instance attributes shadow the class's methods (and a subclass's overrides) for this
         # trainer only.
-        trainer._save_checkpoint = self._save_checkpoint
-        trainer._load_optimizer_and_scheduler = self._load_optimizer_and_scheduler
+        self._originals = {name: getattr(trainer, name) for name in PRIVATE_HOOKS}
+        for name in PRIVATE_HOOKS:
+            setattr(trainer, name, getattr(self, name))
 
     def remove(self) -> None:
         """Take off the hooks, the method wrappers and the model's attach handle."""
@@ -347,10 +395,18 @@ def _check_backend(trainer) -> None:
         )
     named = _deepspeed_config(trainer).get("optimizer")
     if named is not None:
+        from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+        check_type(named.get("type"), DEEPSPEED_OPTIMIZERS)
+        ours = registry_name(named.get("type")) is not None
         raise ValueError(
             "attach(trainer): the DeepSpeed config names an optimizer "
-            f"({named.get('type')!r}); the Trainer would hand it to DeepSpeed instead of the "
-            "extrap_accel one. Remove the \"optimizer\" section from the DeepSpeed config and pass "
+            f"({named.get('type')!r})"
+            + (" and so does optimizer_cls_and_kwargs" if ours else
+               ", which the Trainer would hand to DeepSpeed instead of an extrap_accel one")
+            + ". Name it in one place: either \"optimizer\": {\"type\": \"ExtrapAdam\", "
+            "\"params\": {...}} in the DeepSpeed config (ExtrapSGD, ExtrapAdam or an extrap_* "
+            "registry name), or remove that section and pass "
             "Trainer(..., optimizer_cls_and_kwargs=(ExtrapAdam, {'lr': ...}))"
         )
     # the variant against the ZeRO stage now, not after the Trainer has built the engine
@@ -366,6 +422,44 @@ def _check_backend(trainer) -> None:
         direct = stage == 0 and not (enabled("bf16") or enabled("fp16"))
         info = variant_info(kwargs.get("extrapolation", "past"), bool(kwargs.get("filterwise")))
         check_deepspeed_variant(info, stage, direct)
+
+
+def _raw_deepspeed_config(trainer) -> dict:
+    """The DeepSpeed config as the user wrote it, before the Trainer filled its "auto" values
+    (it fills betas and eps for every optimizer, which do not apply to SGD)."""
+    config = trainer.args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, str) and os.path.isfile(config):
+        import json
+
+        with open(config) as f:
+            return json.load(f)
+    return _deepspeed_config(trainer)
+
+
+def _adopt_config_optimizer(trainer) -> None:
+    """Under DeepSpeed, a config whose ``"optimizer"`` names an extrap_accel optimizer becomes the
+    Trainer's ``optimizer_cls_and_kwargs`` ("auto": ``learning_rate``, ``adam_beta1/2``,
+    ``adam_epsilon``, ``weight_decay`` of the TrainingArguments, as the Trainer fills them for
+    DeepSpeed's own optimizers), and the section leaves the config the Trainer hands DeepSpeed."""
+    if not _deepspeed_enabled(trainer) or trainer.optimizer is not None:
+        return
+    config = _deepspeed_config(trainer)
+    if not names_ours(config) or getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        return  # (both: refused by _check_backend)
+    raw = _raw_deepspeed_config(trainer)
+    spec = raw["optimizer"] if names_ours(raw) else config["optimizer"]
+    args = trainer.args
+    filled = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+              "eps": args.adam_epsilon, "weight_decay": args.weight_decay}  # fmt: skip
+    name, kwargs = resolve(spec, "trainer", filled)
+    info = get_optimizer_info(name)
+    trainer.optimizer_cls_and_kwargs = (info.cls, {**info.defaults, **kwargs})
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    for live in (config, getattr(hf_config, "config", None)):  # (usually one dict)
+        if isinstance(live, dict):
+            live.pop("optimizer", None)
 
 
 def _check_optimizer(trainer) -> None:

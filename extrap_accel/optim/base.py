@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -24,6 +23,7 @@ from torch.optim import Optimizer
 
 from .. import _dist
 from ..capture import CaptureMode, LocalGradCapture
+from ..safety import check_first_step
 from .core import ANCHOR, EXTRAPOLATED, Core
 from .directions import EXTRAPOLATIONS, NOISE_EXTRAPOLATIONS, place_direction_
 
@@ -651,7 +651,7 @@ class ExtrapOptimizer(Optimizer):
             )
         self._check_train_mode()
         if self._world_size is None and not self._binding.attached:  # the first step (of this run)
-            _refuse_an_unattached_trainer()
+            check_first_step(self)  # accelerate / the Trainer without prepare or attach
             _refuse_unattached_dtensors(self)
         self.resolve_world_size()
         fresh = any(group["extrapolation"] == "fresh" for group in self.param_groups)
@@ -886,19 +886,3 @@ def _refuse_unattached_dtensors(optimizer: Optimizer) -> None:
                     "but was not attached: call extrap_accel.attach(model, optimizer) with the "
                     "fully_shard model before the first step"
                 )
-
-
-def _refuse_an_unattached_trainer() -> None:
-    """A Hugging Face Trainer never swaps the anchor in before it saves: stepping one that was
-    not attached would write x̃ into every checkpoint (and, under DDP, resume every rank from
-    rank 0's x̃). Found by the Trainer's training loop on the stack, at the first step only."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "_inner_training_loop" and "transformers" in code.co_filename:
-            raise RuntimeError(
-                "a Hugging Face Trainer is stepping this extrap_accel optimizer, but it was not "
-                "attached: call extrap_accel.attach(trainer) before trainer.train(), so that "
-                "checkpoints and save_model hold the anchor and each rank's state is saved"
-            )
-        frame = frame.f_back

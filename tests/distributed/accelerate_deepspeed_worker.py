@@ -12,7 +12,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DummyOptim, InitProcessGroupKwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -40,6 +40,35 @@ def train(accelerator, model, optimizer, steps, rank):
         optimizer.zero_grad()
         trace.append([adapter.point(p).clone() for p in model.module.parameters()])
     return trace
+
+
+def check_config_named_optimizer(rank):
+    """The DeepSpeed config names ExtrapSGD ("auto" lr and weight_decay from the DummyOptim,
+    "auto" betas dropped: not SGD's); the script passes DummyOptim, as accelerate's docs say."""
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    spec = {"type": "ExtrapSGD", "params": {"lr": "auto", "weight_decay": "auto", "momentum": 0.9,
+                                             "nesterov": True, "betas": "auto"}}  # fmt: skip
+    config["optimizer"] = spec
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    out = {}
+    try:  # an optimizer both in the config and in the code
+        extrap_accel.prepare(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    except ValueError as e:
+        out["real_optimizer_error"] = str(e)
+    dummy = DummyOptim(model.parameters(), lr=0.05, weight_decay=1e-4)
+    model, optimizer = extrap_accel.prepare(accelerator, model, dummy)
+    out["config_kept"] = config.get("optimizer") == spec
+    adapter = model._extrap_accel_adapter
+    base = adapter.optimizer
+    group = base.param_groups[0]
+    out["built"] = [type(base).__name__, group["lr"], group["weight_decay"], group["momentum"],
+                    group["nesterov"]]  # fmt: skip
+    train(accelerator, model, optimizer, range(2), rank)
+    params = list(model.module.parameters())
+    out["displaced"] = any(not torch.equal(adapter.point(p), adapter.anchor(p)) for p in params)
+    return out
 
 
 def main():
@@ -79,6 +108,7 @@ def main():
     got = train(accelerator2, model2, optimizer2, range(3, 6), rank)
     results["resume_bit_identical"] = all(torch.equal(a, b) for e, g in zip(expected, got)
                                           for a, b in zip(e, g))
+    results["config_named"] = check_config_named_optimizer(rank)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"accelerate_deepspeed_rank{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -341,11 +341,25 @@ def check_fresh_refused(accelerator, results):
 
 
 def check_plain_prepare(accelerator, results):
-    """A plain accelerator.prepare (no extrap_accel.prepare) still extrapolates locally."""
+    """A plain accelerator.prepare (no extrap_accel.prepare) stops at the first step; in the
+    manual mode (extrap_accel.manual_mode) it trains, extrapolates locally, and
+    optimizer.eval() puts the anchor into what get_state_dict saves."""
     rank = accelerator.process_index
     model = make_model()
-    opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
+    opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                                 weight_decay=0.0)
     model, opt = accelerator.prepare(model, opt)
+    x, y = batch(rank, 0)
+    accelerator.backward(loss_fn(model, x, y))
+    before = [p.detach().clone() for p in params_of(model)]
+    try:
+        opt.step()
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, params_of(model)))
+    opt.zero_grad()
+    extrap_accel.manual_mode(opt)
     losses = []
     for t in range(8):
         x, y = batch(rank, t % 2)
@@ -356,10 +370,16 @@ def check_plain_prepare(accelerator, results):
         opt.zero_grad()
     params = params_of(model)
     base = opt.optimizer
+    anchors = [base.anchor(p).clone() for p in params]
+    opt.eval()  # the manual mode: the anchor in the weights before saving
+    saved = {k: v.clone() for k, v in accelerator.get_state_dict(model).items()}
+    opt.train()
     results["plain_prepare"] = {
+        "refused": refused, "refused_step_changed_nothing": unchanged,
         "captures": base.captures_local_grads,
         "anchors_equal": all(torch.equal(*gather(base.anchor(p))) for p in params),
         "points_differ": any(not torch.equal(*gather(p.detach())) for p in params),
+        "manual_save_is_anchor": all(torch.equal(a, v) for a, v in zip(anchors, saved.values())),
         "loss_first": losses[0], "loss_last": losses[-1],
     }
 
@@ -533,8 +553,9 @@ def main() -> None:
         results["scale_after"] = accelerator.scaler.get_scale()
         # Without extrap_accel.prepare the optimizer cannot know the scale: it must refuse.
         model = make_model()
-        opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR)
+        opt = extrap_accel.ExtrapSGD(model.parameters(), lr=LR, weight_decay=0.0)
         model, opt = accelerator.prepare(model, opt)
+        extrap_accel.manual_mode(opt)  # past the first-step check, to the scaler's
         x, y = batch(accelerator.process_index, 0)
         accelerator.backward(loss_fn(model, x, y))
         try:
