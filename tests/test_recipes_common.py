@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ import vision  # noqa: E402
 
 import extrap_accel  # noqa: E402
 
-Args = common.TrainingArguments
+Args = common.RecipeArguments
 CONFIGS = os.path.join(REPO, "recipes", "configs")
 CONFIG_CLASSES = {
     "vision_quick.yaml": vision.VisionArguments,
@@ -37,6 +38,13 @@ CONFIG_CLASSES = {
     "translate_quick.yaml": translate.TranslateArguments,
     "translate_multi30k.yaml": translate.TranslateArguments,
 }
+
+
+def _records(output_dir) -> list[dict]:
+    import json
+
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def parse(argv, cls=Args):
@@ -82,10 +90,10 @@ def test_lr_schedule_from_args():
     assert lr(0) == pytest.approx(0.1) and lr(50) == pytest.approx(1.6)
     assert lr(25) == pytest.approx(0.85)
     assert lr(1500) == pytest.approx(0.16) and lr(2250) == pytest.approx(0.016)
-    constant = common.lr_schedule(parse(["--lr_schedule", "constant"]), num_processes=2,
+    constant = common.lr_schedule(parse(["--lr_scheduler_type", "constant"]), num_processes=2,
                                   total_steps=10, steps_per_epoch=5)  # fmt: skip
     assert constant(9) == pytest.approx(0.1 * 64 / 128)
-    inv = common.lr_schedule(parse(["--lr_schedule", "inverse_sqrt", "--warmup_steps", "4"]),
+    inv = common.lr_schedule(parse(["--lr_scheduler_type", "inverse_sqrt", "--warmup_steps", "4"]),
                              num_processes=1, total_steps=100, steps_per_epoch=5)  # fmt: skip
     assert inv(0) == 0.0 and inv(16) == pytest.approx(0.025 * 0.5)
 
@@ -95,15 +103,15 @@ def test_lr_schedule_from_args():
 
 def test_defaults_yaml_and_command_line_precedence(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("optimizer: sgd\nlearning_rate: 0.5\nlars: true\nextrap_until: 7\n")
+    cfg.write_text("optim: sgd\nlearning_rate: 0.5\nlars: true\nextrap_until: 7\n")
     args = parse(["--config", str(cfg), "--learning_rate", "0.2", "--lars", "false",
                   "--lr_decay_milestones", "0.3", "0.6", "--max_grad_norm", "none"])  # fmt: skip
-    assert args.optimizer == "sgd"  # from the yaml
+    assert args.optim == "sgd"  # from the yaml
     assert args.learning_rate == 0.2 and args.lars is False  # the command line wins
     assert args.extrap_until == 7 and args.lr_decay_milestones == [0.3, 0.6]
     assert args.max_grad_norm is None and args.momentum == 0.9  # a default
     assert parse(["--log_smoothness"]).log_smoothness is True  # a bare flag is true
-    assert parse(["--lr_decay_milestones", "0.25,0.5"]).lr_decay_milestones == [0.25, 0.5]
+    assert parse(["--lars"]).lars is True and parse(["--no_nesterov"]).nesterov is False
 
 
 @pytest.mark.parametrize(
@@ -113,16 +121,19 @@ def test_defaults_yaml_and_command_line_precedence(tmp_path):
         ("max_steps: ten\n", "max_steps must be int"),
         ("max_steps: 1.5\n", "max_steps must be int"),
         ("lars: maybe\n", "lars must be true or false"),
-        ("report_to: mlflow\n", "report_to must be one of none, wandb, tensorboard"),
+        ("report_to: mlflow\n", r"report_to \['mlflow'\]: choose none, all, or of wandb"),
         ("- a list\n", "must hold a mapping"),
-        ("optimizer: [unclosed\n", "not valid yaml"),
-        ("optimizer: lamb\n", "unknown optimizer 'lamb'; choose one of"),
+        ("optim: [unclosed\n", "not valid yaml"),
+        ("optim: lamb\n", "unknown optim 'lamb'; choose one of"),
+        ("save_total_limit: 0\n", "save_total_limit must be >= 1"),
+        ("gradient_accumulation_steps: 0\n", "gradient_accumulation_steps must be > 0"),
+        ("optim: extrap_sgd_fresh\ngradient_accumulation_steps: 2\n", "closure"),
         ("warmup_steps: 5\nwarmup_epochs: 1\n", "warmup_steps or warmup_epochs, not both"),
         ("lr_decay_milestones: [0.75, 0.5]\n", "increasing fractions"),
         ("local_period: 1\n", "local_period must be >= 2"),
-        ("optimizer: extrap_sgd_fresh\nlars: true\n", "cannot wrap extrap_sgd_fresh"),
-        ("optimizer: extrap_adam\nlars: true\n", "extrap_adam is Adam-type"),
-        ("optimizer: adamw\nlars: true\n", "adamw is Adam-type"),
+        ("optim: extrap_sgd_fresh\nlars: true\n", "cannot wrap extrap_sgd_fresh"),
+        ("optim: extrap_adam\nlars: true\n", "extrap_adam is Adam-type"),
+        ("optim: adamw\nlars: true\n", "adamw is Adam-type"),
     ],
 )
 def test_config_errors(tmp_path, yaml_text, message):
@@ -135,14 +146,16 @@ def test_config_errors(tmp_path, yaml_text, message):
 def test_command_line_errors(capsys):
     with pytest.raises(common.ConfigError, match="unrecognized arguments: --nope"):
         parse(["--nope", "1"])
-    with pytest.raises(common.ConfigError, match="per_device_train_batch_size must be int"):
+    with pytest.raises(common.ConfigError, match="did you mean --learning_rate"):
+        parse(["--learning_rat", "0.1"])
+    with pytest.raises(common.ConfigError, match="per_device_train_batch_size.*invalid int value"):
         parse(["--per_device_train_batch_size", "big"])
     with pytest.raises(common.ConfigError, match="does not exist"):
         parse(["--config", "/nonexistent.yaml"])
     with pytest.raises(SystemExit) as exit_info:  # what a user sees: a message, status 2
-        common.parse_args(Args, ["--optimizer", "lamb"])
+        common.parse_args(Args, ["--optim", "lamb"])
     assert exit_info.value.code == 2
-    assert "unknown optimizer 'lamb'" in capsys.readouterr().err
+    assert "unknown optim 'lamb'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_CLASSES))
@@ -181,7 +194,7 @@ def test_param_groups_weight_decay_skips_norms_and_biases():
 @pytest.mark.parametrize("name", extrap_accel.list_optimizers())
 def test_create_optimizer_for_every_registry_entry(name):
     info = extrap_accel.get_optimizer_info(name)
-    argv = ["--optimizer", name, "--weight_decay", "1e-4"]
+    argv = ["--optim", name, "--weight_decay", "1e-4"]
     if "noise_scale" in info.required:
         argv += ["--noise_scale", "1e-3"]
     args = parse(argv)
@@ -201,11 +214,11 @@ def test_create_optimizer_for_every_registry_entry(name):
 
 def test_create_optimizer_errors():
     with pytest.raises(common.ConfigError, match="needs noise_scale"):
-        common.create_optimizer(parse(["--optimizer", "extrap_sgd_gaussian"]), _model().parameters())
+        common.create_optimizer(parse(["--optim", "extrap_sgd_gaussian"]), _model().parameters())
     with pytest.raises(common.ConfigError, match="noise_scale applies to the noise variants"):
         common.create_optimizer(parse(["--noise_scale", "0.1"]), _model().parameters())
     with pytest.raises(common.ConfigError, match="sgd does not extrapolate"):
-        common.create_optimizer(parse(["--optimizer", "sgd", "--extrap_lr", "0.1"]),
+        common.create_optimizer(parse(["--optim", "sgd", "--extrap_lr", "0.1"]),
                                 _model().parameters())  # fmt: skip
 
 
@@ -225,7 +238,7 @@ def test_extrap_until_turns_extrapolation_off(name):
     """After extrap_until, x̃ = x and the step is the base optimizer's (footnote 9)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
-    argv = ["--optimizer", name] + (["--noise_scale", "0.01"] if "gaussian" in name else [])
+    argv = ["--optim", name] + (["--noise_scale", "0.01"] if "gaussian" in name else [])
     optimizer = common.create_optimizer(parse(argv), model.parameters())
     _run_steps(optimizer, model, steps=3, disable_at=1)
     for p, anchor in optimizer.displaced():
@@ -243,7 +256,7 @@ def test_smoothness_meter_on_a_quadratic():
     x = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     for name in ("sgd", "extrap_sgd"):
         x.data = torch.tensor([1.0, -2.0, 0.5])
-        optimizer = common.create_optimizer(parse(["--optimizer", name, "--learning_rate", "0.05"]),
+        optimizer = common.create_optimizer(parse(["--optim", name, "--learning_rate", "0.05"]),
                                             [x])  # fmt: skip
         meter = common.SmoothnessMeter(optimizer)
         values = []
@@ -259,22 +272,111 @@ def test_smoothness_meter_on_a_quadratic():
         assert torch.equal(restored._prev[0], meter._prev[0])
 
 
-def test_train_step_passes_a_closure_to_fresh():
-    torch.manual_seed(0)
+def test_uses_closure_only_for_fresh():
     model = nn.Linear(3, 1)
-    optimizer = common.create_optimizer(parse(["--optimizer", "extrap_sgd_fresh"]),
-                                        model.parameters())  # fmt: skip
-    calls = []
+    fresh = common.create_optimizer(parse(["--optim", "extrap_sgd_fresh"]), model.parameters())
+    past = common.create_optimizer(parse(["--optim", "extrap_sgd"]), model.parameters())
+    assert common.uses_closure(fresh) and not common.uses_closure(past)
 
-    def forward_backward():
-        calls.append(1)
-        loss = model(torch.ones(2, 3)).square().mean()
-        loss.backward()
-        return loss.detach()
 
-    assert common.uses_closure(optimizer)
-    common.train_step(optimizer, forward_backward)
-    assert len(calls) == 2  # at the anchor and at x̃
+# ---------------------------------------------------------------------------- HF vocabulary
+
+
+RECIPE_CLASSES = [vision.VisionArguments, language_model.LMArguments, translate.TranslateArguments]
+
+
+@pytest.mark.parametrize("cls", RECIPE_CLASSES, ids=lambda c: c.__name__)
+def test_help_describes_every_option(cls):
+    """Every option of --help has a description (HfArgumentParser with help= on every field)."""
+    parser = common._parser(cls, "recipe")
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {a.dest for a in options} >= {f.name for f in dataclasses.fields(cls)}
+    missing = [a.option_strings[0] for a in options if not (a.help or "").strip()]
+    assert missing == []
+    text = parser.format_help()
+    assert "--gradient_accumulation_steps" in text and "micro-steps per optimizer step" in text
+
+
+def test_hf_names_and_old_aliases(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # tensorboard "installed", wandb as it is
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in (
+        "tensorboard", "tensorboardX") else find_spec(name, *a))  # fmt: skip
+    args = parse(["--optim", "sgd", "--lr_scheduler_type", "constant", "--dataset_name", "x/y"])
+    assert (args.optim, args.lr_scheduler_type, args.dataset_name) == ("sgd", "constant", "x/y")
+    with pytest.warns(FutureWarning, match="--optimizer is now --optim"):
+        old = parse(["--optimizer", "sgd", "--lr_schedule", "constant", "--dataset", "x/y"])
+    assert old == args
+    assert parse(["--report_to", "none"]).report_to == ["none"]
+    assert parse(["--report_to", "wandb", "tensorboard"]).report_to == ["wandb", "tensorboard"]
+    assert parse(["--report_to", "wandb,tensorboard"]).report_to == ["wandb", "tensorboard"]
+    installed = [t for t in common.TRACKERS if importlib.util.find_spec(t)]
+    assert "tensorboard" in installed
+    assert parse(["--report_to", "all"]).report_to == installed
+    assert common.trackers(parse([])) is None
+
+
+def test_config_file_from_another_working_directory(tmp_path, monkeypatch):
+    """--config and the DeepSpeed file of an accelerate yaml are found from any directory."""
+    monkeypatch.chdir(tmp_path)
+    shipped = parse(["--config", "recipes/configs/vision_quick.yaml"], vision.VisionArguments)
+    assert shipped == vision.VisionArguments()
+    assert parse(["--config", "vision_quick.yaml"], vision.VisionArguments) == shipped
+    (tmp_path / "mine.yaml").write_text("learning_rate: 0.3\n")
+    assert parse(["--config", "mine.yaml", "--max_steps", "5"]).learning_rate == 0.3
+    with pytest.raises(common.ConfigError, match="'nope.yaml' does not exist"):
+        parse(["--config", "nope.yaml"])
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate_configs/ds_zero2_bf16.json")
+    plugin = common.deepspeed_plugin(parse(["--max_grad_norm", "0.5"]))
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+
+
+def _netrc(home, host="api.wandb.ai"):
+    path = home / ".netrc"
+    path.write_text(f"machine {host}\n  login user\n  password {'k' * 40}\n")
+    path.chmod(0o600)
+
+
+def test_wandb_mode_online_when_logged_in(tmp_path):
+    """Online with a key in the environment, in ~/.netrc (what `wandb login` writes) or in W&B's
+    settings file; offline otherwise; an explicit WANDB_MODE wins."""
+    home = tmp_path / "home"
+    home.mkdir()
+    assert common.wandb_mode({}, str(home)) == "offline"
+    assert common.wandb_mode({"WANDB_API_KEY": "k" * 40}, str(home)) == "online"
+    assert common.wandb_mode({"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}, str(home)) == (
+        "disabled"
+    )
+    _netrc(home, "example.com")  # another host's entry is not a W&B login
+    assert common.wandb_mode({}, str(home)) == "offline"
+    _netrc(home)
+    assert common.wandb_mode({}, str(home)) == "online"
+    assert common.wandb_mode({"NETRC": str(tmp_path / "none")}, str(home)) == "offline"
+    other = tmp_path / "other"
+    (other / ".config" / "wandb").mkdir(parents=True)
+    (other / ".config" / "wandb" / "settings").write_text("[default]\napi_key = abc\n")
+    assert common.wandb_mode({}, str(other)) == "online"
+    custom = {"WANDB_BASE_URL": "https://wandb.example.com"}
+    _netrc(other, "wandb.example.com")
+    assert common.wandb_mode(custom, str(other)) == "online"
+
+
+def test_rotation_keeps_the_newest_and_the_checkpoint_resumed_from(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 10:  # checkpoint-10: a save that did not finish, never deleted
+            (tmp_path / f"checkpoint-{step}" / "checkpoint_complete.json").write_text("{}")
+    resumed = str(tmp_path / "checkpoint-2")
+    deleted = common.rotate_checkpoints(str(tmp_path), 2, keep=resumed)
+    assert sorted(os.path.basename(d) for d in deleted) == ["checkpoint-4"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2", "checkpoint-6",
+                                            "checkpoint-8"]
+    assert common.rotate_checkpoints(str(tmp_path), None) == []
+    common.rotate_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-8"]
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -329,7 +431,7 @@ def test_report_to_tensorboard_needs_tensorboard(monkeypatch):
     with pytest.raises(common.ConfigError, match="pip install tensorboard"):
         parse(["--report_to", "tensorboard"])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
-    assert parse(["--report_to", "tensorboard"]).report_to == "tensorboard"
+    assert parse(["--report_to", "tensorboard"]).report_to == ["tensorboard"]
 
 
 def test_plot_curves(tmp_path):
@@ -371,7 +473,7 @@ def cifar_like(tmp_path_factory):
 
 def test_vision_local_dataset_in_the_hub_schema(cifar_like):
     root, pixels = cifar_like
-    args = parse(["--dataset", str(root)], vision.VisionArguments)
+    args = parse(["--dataset_name", str(root)], vision.VisionArguments)
     train_x, train_y, test_x, test_y, num_classes = vision.get_datasets(args)
     assert train_x.shape == (24, 3, 32, 32) and train_x.dtype == torch.uint8
     assert torch.equal(train_x, pixels["train"].permute(0, 3, 1, 2))
@@ -387,7 +489,7 @@ def test_vision_cifar100_schema_from_save_to_disk(tmp_path):
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict(split), "test": datasets.Dataset.from_dict(split)}
     ).save_to_disk(str(tmp_path / "c100"))
-    args = parse(["--dataset", str(tmp_path / "c100")], vision.VisionArguments)
+    args = parse(["--dataset_name", str(tmp_path / "c100")], vision.VisionArguments)
     _, train_y, _, _, num_classes = vision.get_datasets(args)
     assert train_y.tolist() == [0, 5, 99, 1, 2, 3] and num_classes == 100
 
@@ -396,7 +498,7 @@ def test_vision_data_errors_name_the_schema(tmp_path, monkeypatch):
     import datasets
 
     def load(name):
-        return vision.get_datasets(parse(["--dataset", name], vision.VisionArguments))
+        return vision.get_datasets(parse(["--dataset_name", name], vision.VisionArguments))
 
     with pytest.raises(common.DataError, match="is not a directory; expected .*'img'"):
         load(str(tmp_path / "missing"))
@@ -417,7 +519,7 @@ def test_vision_data_errors_name_the_schema(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(common.DataError, match="Hub dataset 'uoft-cs/cifar10'.*--dataset default"):
+    with pytest.raises(common.DataError, match="Hub dataset 'uoft-cs/cifar10'.*--dataset_name default"):
         load("uoft-cs/cifar10")
 
 
@@ -478,7 +580,7 @@ def test_batchify_splits_the_global_batch_by_rank():
 
 
 def _lm_texts(name):
-    return language_model.get_text_splits(parse(["--dataset", name], language_model.LMArguments))
+    return language_model.get_text_splits(parse(["--dataset_name", name], language_model.LMArguments))
 
 
 def test_language_model_local_text_files(tmp_path):
@@ -504,7 +606,7 @@ def test_language_model_hub_schema_and_errors(tmp_path):
         datasets.Dataset.from_dict(rows).to_parquet(
             str(tmp_path / "wt" / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
         )
-    args = parse(["--dataset", str(tmp_path / "wt"), "--dataset_config", "wikitext-2-raw-v1"],
+    args = parse(["--dataset_name", str(tmp_path / "wt"), "--dataset_config_name", "wikitext-2-raw-v1"],
                  language_model.LMArguments)  # fmt: skip
     texts = language_model.get_text_splits(args)
     assert texts["test"] == " = Title = \n\n some words here "
@@ -534,7 +636,7 @@ def one_thread():
 @pytest.mark.parametrize("name", ["sgd", "extrap_sgd_fresh", "extrap_sgd_uniform", "extrap_adam"])
 def test_language_model_runs_with_registry_entries(tmp_path, name, one_thread):
     """One process, a tiny model: any registry entry trains (fresh through its closure)."""
-    argv = ["--optimizer", name, "--output_dir", str(tmp_path), "--max_steps", "3",
+    argv = ["--optim", name, "--output_dir", str(tmp_path), "--max_steps", "3",
             "--emsize", "16", "--nhid", "16", "--logging_steps", "1", "--eval_steps", "0"]
     if name == "extrap_sgd_uniform":
         argv += ["--noise_scale", "1e-3"]
@@ -543,6 +645,63 @@ def test_language_model_runs_with_registry_entries(tmp_path, name, one_thread):
     results = language_model.main(argv)
     assert results["step"] == 3 and math.isfinite(results["eval_perplexity"])
     assert os.path.exists(tmp_path / "curves.png") and os.path.exists(tmp_path / "checkpoint-3")
+
+
+def _lm_test_perplexity(output_dir) -> float:
+    """The test perplexity of the model that load_model rebuilds from ``output_dir``."""
+    model, vocab = language_model.load_model(str(output_dir))
+    text = language_model._pydoc_topics()["test"]
+    data = language_model.batchify(vocab.encode(text), 10, 0, 1)  # per_device_eval_batch_size
+    one_process = SimpleNamespace(gather_for_metrics=lambda t: t)
+    return language_model.evaluate(one_process, model, data, 35)
+
+
+def test_language_model_outputs_load_rotate_and_push(tmp_path, monkeypatch, one_thread):
+    """extrap-Adam, one process: load_model(out) rebuilds the saved anchor (its test perplexity
+    is the recipe's own); --save_total_limit keeps the newest checkpoints; --push_to_hub uploads
+    the output folder holding the final model, to --hub_model_id (no network: the upload is
+    recorded)."""
+    import huggingface_hub
+
+    pushed = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: repo_id)
+
+    def upload_folder(*, repo_id, folder_path, **kw):
+        pushed.append((repo_id, folder_path, sorted(os.listdir(folder_path))))
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "lm"
+    results = language_model.main(
+        ["--optim", "extrap_adam", "--learning_rate", "1e-2", "--output_dir", str(out),
+         "--max_steps", "4", "--emsize", "16", "--nhid", "16", "--eval_steps", "0",
+         "--save_steps", "1", "--save_total_limit", "2", "--push_to_hub", "--hub_model_id",
+         "me/tiny-lstm"]
+    )  # fmt: skip
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == [
+        "checkpoint-3", "checkpoint-4"]  # fmt: skip
+    assert _lm_test_perplexity(out) == pytest.approx(results["test_perplexity"], rel=1e-9)
+    [(repo_id, folder, files)] = pushed
+    assert repo_id == "me/tiny-lstm" and folder == str(out)
+    assert {"model.safetensors", "config.json", "vocab.json"} <= set(files)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, one_thread):
+    """K = 1 fixed: 2 micro-batches of 2 rows accumulate to the step of one batch of 4 rows
+    (no dropout: the rows are independent), within float rounding."""
+    common_argv = ["--emsize", "16", "--nhid", "16", "--dropout", "0", "--max_steps", "4",
+                   "--eval_steps", "0", "--logging_steps", "1", "--max_vocab", "300"]  # fmt: skip
+    full, accumulated = tmp_path / "full", tmp_path / "accumulated"
+    language_model.main([*common_argv, "--per_device_train_batch_size", "4",
+                         "--output_dir", str(full)])  # fmt: skip
+    language_model.main([*common_argv, "--per_device_train_batch_size", "2",
+                         "--gradient_accumulation_steps", "2", "--output_dir", str(accumulated)])  # fmt: skip
+    a = load_file(str(full / "model.safetensors"))
+    b = load_file(str(accumulated / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    losses = [[r["train_loss"] for r in _records(d) if "train_loss" in r]
+              for d in (full, accumulated)]  # fmt: skip
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert len(losses[0]) == 4 and losses[0][-1] < losses[0][0]
 
 
 def test_post_local_sgd_with_one_process_is_a_clear_error(tmp_path, one_thread):
@@ -625,7 +784,7 @@ def _fsdp_accelerator(version):
 
 
 def test_fsdp2_accepted_with_the_same_flags():
-    common.check_fsdp(_fsdp_accelerator(2), Args())
+    common.check_launch(_fsdp_accelerator(2), Args())
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -635,12 +794,12 @@ def test_fsdp2_accepted_with_the_same_flags():
 ])
 def test_fsdp2_refuses_options_that_need_whole_tensors_or_ddp(flags, message):
     with pytest.raises(common.ConfigError, match=f"{message}.*not supported under FSDP2"):
-        common.check_fsdp(_fsdp_accelerator(2), Args(**flags))
+        common.check_launch(_fsdp_accelerator(2), Args(**flags))
 
 
 def test_fsdp1_is_refused_naming_fsdp_version_2():
     with pytest.raises(common.ConfigError, match="fsdp_version: 2"):
-        common.check_fsdp(_fsdp_accelerator(1), Args())
+        common.check_launch(_fsdp_accelerator(1), Args())
 
 
 def test_broadcast_buffers_does_nothing_outside_fsdp():

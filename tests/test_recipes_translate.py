@@ -94,19 +94,19 @@ def test_embedded_files_are_what_the_generator_writes():
 
 
 def test_local_directory_in_the_hub_schema(tiny_slice):
-    pairs = translate.get_pairs(parse(["--dataset", str(tiny_slice)]))
+    pairs = translate.get_pairs(parse(["--dataset_name", str(tiny_slice)]))
     assert {s: len(p[0]) for s, p in pairs.items()} == {"train": 160, "validation": 20, "test": 20}
     rows = _embedded("validation")[:20]
     assert pairs["validation"] == ([r["en"] for r in rows], [r["de"] for r in rows])
     # de -> en from the same files
-    back = translate.get_pairs(parse(["--dataset", str(tiny_slice), "--source_lang", "de",
+    back = translate.get_pairs(parse(["--dataset_name", str(tiny_slice), "--source_lang", "de",
                                       "--target_lang", "en"]))  # fmt: skip
     assert back["test"][0][0] == _embedded("test")[0]["de"]
 
 
 def test_malformed_data_errors_name_the_schema(tmp_path, monkeypatch):
     def load(name):
-        return translate.get_pairs(parse(["--dataset", name]))
+        return translate.get_pairs(parse(["--dataset_name", name]))
 
     expected = "expected a directory of files with columns 'en' and 'de'"
     with pytest.raises(common.DataError, match=f"is not a directory; {expected}"):
@@ -248,7 +248,7 @@ def test_a_dataset_without_a_validation_split_evaluates_on_test(tmp_path, tiny_s
     data.mkdir()
     for name in ("train", "test"):
         (data / f"{name}.jsonl").write_text((tiny_slice / f"{name}.jsonl").read_text())
-    argv = [*TINY[1:], "--dataset", str(data), "--max_steps", "2", "--save_steps", "0",
+    argv = [*TINY[1:], "--dataset_name", str(data), "--max_steps", "2", "--save_steps", "0",
             "--eval_steps", "2", "--output_dir", str(tmp_path / "out")]  # fmt: skip
     results = translate.main(argv)
     assert 0.0 <= results["test_bleu"] <= 100.0 and math.isfinite(results["test_loss"])
@@ -258,7 +258,7 @@ def test_a_dataset_without_a_validation_split_evaluates_on_test(tmp_path, tiny_s
 @pytest.mark.parametrize("name", ["adamw", "extrap_sgd_fresh"])
 def test_single_process_runs_with_registry_entries(tmp_path, tiny_slice, name, one_thread):
     """`python recipes/translate.py` (one process) with the baseline and with a closure entry."""
-    argv = [*TINY[1:], "--dataset", str(tiny_slice), "--optimizer", name, "--max_steps", "3",
+    argv = [*TINY[1:], "--dataset_name", str(tiny_slice), "--optim", name, "--max_steps", "3",
             "--save_steps", "0", "--eval_steps", "0", "--output_dir", str(tmp_path)]  # fmt: skip
     results = translate.main(argv)
     assert results["step"] == 3 and 0.0 <= results["test_bleu"] <= 100.0
@@ -282,7 +282,7 @@ def _records(output_dir) -> list[dict]:
 def runs(tmp_path_factory, tiny_slice):
     full = tmp_path_factory.mktemp("translate_full")
     resumed = tmp_path_factory.mktemp("translate_resumed")
-    argv = [*TINY, "--dataset", str(tiny_slice)]
+    argv = [*TINY, "--dataset_name", str(tiny_slice)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.delenv("WANDB_API_KEY", raising=False)
@@ -382,7 +382,7 @@ def test_translate_under_deepspeed_resumes_exactly(tmp_path, tiny_slice):
     trains through the DeepSpeed adapter, each rank saves its own file with the checkpoint,
     and a run resumed from the middle ends with the same saved (anchor) weights, bit for bit."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    argv = [*TINY, "--dataset", str(tiny_slice), "--eval_steps", "0"]
+    argv = [*TINY, "--dataset_name", str(tiny_slice), "--eval_steps", "0"]
 
     def launch(*args):
         run([accelerate_cmd("cpu_2proc_deepspeed.yaml", "--main_process_port", str(free_port()),

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 VISION = ["recipes/vision.py", "--width", "0.25", "--max_steps", "20", "--save_steps", "10",
           "--logging_steps", "1", "--eval_steps", "10", "--per_device_train_batch_size", "32",
-          "--learning_rate", "0.4", "--lr_schedule", "constant", "--warmup_epochs", "0",
+          "--learning_rate", "0.4", "--lr_scheduler_type", "constant", "--warmup_epochs", "0",
           "--lars", "--log_smoothness", "--extrap_until", "15"]  # fmt: skip
 LM = ["recipes/language_model.py", "--emsize", "32", "--nhid", "32", "--max_steps", "16",
       "--save_steps", "8", "--logging_steps", "1", "--eval_steps", "8", "--warmup_epochs", "0",
@@ -128,13 +128,13 @@ def test_language_model_resumes_exactly(lm_runs):
 
 
 def test_torch_sgd_baseline_resumes_exactly_inside_post_local_sgd(tmp_path):
-    """--optimizer sgd (the paper's baseline) with post-local SGD, saved at step 4 while the
+    """--optim sgd (the paper's baseline) with post-local SGD, saved at step 4 while the
     ranks' weights and momenta differ (phase 2 from step 2, averaged after step 5): each rank
     saves and restores its own, and the resumed run continues bit for bit. Steps 6 and 7 are
     local: the run ends by averaging once more, so both ranks end on one model."""
     argv = ["recipes/language_model.py", "--emsize", "16", "--nhid", "16", "--max_steps", "7",
             "--save_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
-            "--warmup_epochs", "0", "--optimizer", "sgd", "--post_local_from", "2",
+            "--warmup_epochs", "0", "--optim", "sgd", "--post_local_from", "2",
             "--local_period", "3"]  # fmt: skip
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _launch(*argv, "--output_dir", str(full))
