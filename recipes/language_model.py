@@ -5,18 +5,21 @@ Offline default (the English documentation prose of CPython's ``pydoc_data.topic
 
     accelerate launch recipes/language_model.py
     ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/language_model.py
-    python recipes/language_model.py --optimizer sgd --tokenizer char
+    python recipes/language_model.py --optim sgd --tokenizer char
 
 The paper's setting (WikiText-2 from the Hub, or a local copy)::
 
-    accelerate launch --num_processes 8 recipes/language_model.py --config recipes/configs/lstm_wikitext2.yaml
-    accelerate launch recipes/language_model.py --config recipes/configs/lstm_wikitext2.yaml --dataset /data/wikitext-2-raw
+    accelerate launch --num_processes 8 recipes/language_model.py --config recipes/configs/lstm_wikitext2.yaml   # one machine, 8 GPUs
+    accelerate launch recipes/language_model.py --config recipes/configs/lstm_wikitext2.yaml --dataset_name /data/wikitext-2-raw
 
-Options shared with the other recipes: ``--optimizer`` (any of extrap_accel.list_optimizers()),
+Options shared with the other recipes: ``--optim`` (any of extrap_accel.list_optimizers()),
 ``--post_local_from STEP --local_period H`` (multi-process only), ``--extrap_until STEP``,
-``--log_smoothness``, ``--save_steps N``, ``--resume_from_checkpoint latest``; ``--help``.
+``--log_smoothness``, ``--save_steps N``, ``--resume_from_checkpoint latest``,
+``--gradient_accumulation_steps N`` (the rows of a window in N micro-batches), ``--save_total_limit``,
+``--push_to_hub``, ``--restart_extrapolation``; ``--help``. Outputs: model.safetensors (the
+anchor), vocab.json and config.json, which ``load_model(output_dir)`` rebuilds.
 
-Data: ``--dataset default``, ``Salesforce/wikitext`` (``--dataset_config wikitext-2-raw-v1``,
+Data: ``--dataset_name default``, ``Salesforce/wikitext`` (``--dataset_config_name wikitext-2-raw-v1``,
 the default for that id), or a local directory holding either text files named after their
 split (``train.txt``/``valid.txt``/``test.txt``, or WikiText's ``wiki.train.raw``, ...) or
 data files with a ``text`` column and splits ``train`` and ``validation`` (``test`` optional).
@@ -315,10 +318,10 @@ def save_model(accelerator, model, vocab: Vocabulary, args: LMArguments, output_
 
 
 def load_model(output_dir: str) -> tuple[LSTMLanguageModel, Vocabulary]:
-    """The trained model (eval mode) and its vocabulary from a recipe's output_dir::
+    """The trained model (eval mode) and its vocabulary from a recipe's output_dir.
 
-    model, vocab = load_model("outputs/language_model")
-    logits, hidden = model(vocab.encode("The return statement").unsqueeze(0))
+    >>> model, vocab = load_model("outputs/language_model")
+    >>> logits, hidden = model(vocab.encode("The return statement").unsqueeze(0))
     """
     from safetensors.torch import load_file
 

@@ -4,22 +4,25 @@ Offline default (a few hundred short en–de pairs written for this recipe, reci
 no download; `translate_quick.yaml` is the same settings written out)::
 
     ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/translate.py
-    ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/translate.py --optimizer adamw
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/translate.py --optim adamw
     accelerate launch recipes/translate.py
     OMP_NUM_THREADS=1 python recipes/translate.py --report_to wandb   # W&B offline without a key
     accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml recipes/translate.py
 
 Multi30k (from the Hub, or a local directory of the same files)::
 
-    accelerate launch --num_processes 8 recipes/translate.py --config recipes/configs/translate_multi30k.yaml
-    accelerate launch recipes/translate.py --config recipes/configs/translate_multi30k.yaml --dataset /data/multi30k
+    accelerate launch --num_processes 8 recipes/translate.py --config recipes/configs/translate_multi30k.yaml   # one machine, 8 GPUs
+    accelerate launch recipes/translate.py --config recipes/configs/translate_multi30k.yaml --dataset_name /data/multi30k
 
-Options shared with the other recipes: ``--optimizer`` (any of extrap_accel.list_optimizers();
+Options shared with the other recipes: ``--optim`` (any of extrap_accel.list_optimizers();
 ``adamw`` is the baseline), ``--post_local_from STEP --local_period H`` (multi-process only),
 ``--extrap_until STEP``, ``--log_smoothness``, ``--save_steps N``,
-``--resume_from_checkpoint latest``, ``--report_to wandb``; ``--help`` lists every option.
+``--resume_from_checkpoint latest``, ``--report_to wandb``, ``--gradient_accumulation_steps N``,
+``--save_total_limit N``, ``--push_to_hub --hub_model_id USER/NAME``, ``--restart_extrapolation``;
+``--help`` lists every option. Outputs: a transformers model folder (the anchor) that
+``AutoModelForSeq2SeqLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
 
-Data: ``--dataset default``, ``bentrevett/multi30k``, or a local directory of files (jsonl,
+Data: ``--dataset_name default``, ``bentrevett/multi30k``, or a local directory of files (jsonl,
 csv, parquet, ...) with columns ``en`` and ``de`` and splits ``train`` and ``test``
 (``validation`` optional), as bentrevett/multi30k on the Hub.
 

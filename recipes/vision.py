@@ -5,20 +5,24 @@ Offline default (scikit-learn's bundled handwritten digits, resized to 32×32, n
 
     accelerate launch recipes/vision.py
     ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/vision.py
-    python recipes/vision.py --optimizer sgd                      # the mini-batch SGD baseline
+    python recipes/vision.py --optim sgd                      # the mini-batch SGD baseline
 
 The paper's setting (CIFAR-10 from the Hub, or a local directory of the same parquet files)::
 
-    accelerate launch --num_processes 8 recipes/vision.py --config recipes/configs/resnet20_cifar10.yaml
-    accelerate launch recipes/vision.py --config recipes/configs/resnet20_cifar10.yaml --dataset /data/cifar10
+    accelerate launch --num_processes 8 recipes/vision.py --config recipes/configs/resnet20_cifar10.yaml   # one machine, 8 GPUs
+    accelerate launch recipes/vision.py --config recipes/configs/resnet20_cifar10.yaml --dataset_name /data/cifar10
     accelerate launch recipes/vision.py --config recipes/configs/vgg11_cifar100.yaml
 
-Large-batch options: ``--optimizer`` (any of extrap_accel.list_optimizers(), e.g.
+Large-batch options: ``--optim`` (any of extrap_accel.list_optimizers(), e.g.
 extrap_sgd_gaussian --noise_scale 1e-3), ``--lars``, ``--post_local_from STEP --local_period H``
 (multi-process only), ``--extrap_until STEP``, ``--log_smoothness``; checkpoints with
 ``--save_steps N`` and ``--resume_from_checkpoint latest``. ``--help`` lists every option.
+Also ``--gradient_accumulation_steps N``, ``--save_total_limit N``, ``--report_to wandb``,
+``--push_to_hub --hub_model_id USER/NAME``, and ``--restart_extrapolation`` to resume on another
+number of processes. Outputs: model.safetensors (the anchor) and config.json, which
+``load_model(output_dir)`` rebuilds with its preprocessing.
 
-Data: ``--dataset default`` (the digits), ``uoft-cs/cifar10``, ``uoft-cs/cifar100``, or a
+Data: ``--dataset_name default`` (the digits), ``uoft-cs/cifar10``, ``uoft-cs/cifar100``, or a
 local directory with splits ``train`` and ``test`` and columns ``img`` (PIL image) and
 ``label`` (CIFAR-10) or ``fine_label`` (CIFAR-100).
 """
@@ -278,10 +282,10 @@ def save_model(
 
 
 def load_model(output_dir: str) -> tuple[nn.Module, Preprocess]:
-    """The trained network (eval mode) and its preprocessing from a recipe's output_dir::
+    """The trained network (eval mode) and its preprocessing from a recipe's output_dir.
 
-    model, preprocess = load_model("outputs/vision")
-    logits = model(preprocess(uint8_images))   # [N, 3, 32, 32] uint8
+    >>> model, preprocess = load_model("outputs/vision")
+    >>> logits = model(preprocess(uint8_images))  # [N, 3, 32, 32] uint8
     """
     from safetensors.torch import load_file
 

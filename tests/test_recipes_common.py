@@ -810,3 +810,19 @@ def test_broadcast_buffers_does_nothing_outside_fsdp():
     common.broadcast_buffers(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
                                              num_processes=2), model)  # fmt: skip
     assert torch.equal(model.running_mean, torch.full((3,), 2.0))
+
+
+def test_multi_node_deepspeed_config():
+    """accelerate_configs/deepspeed_zero2_bf16_multinode.yaml: two machines, accelerate's own
+    launcher on each, a DeepSpeed file that exists, every setting commented."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = os.path.join(REPO, "accelerate_configs", "deepspeed_zero2_bf16_multinode.yaml")
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.num_machines == 2 and config.num_processes == 16
+    assert config.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+    assert os.path.isfile(os.path.join(REPO, config.deepspeed_config["deepspeed_config_file"]))
+    with open(path) as f:
+        settings = [ln for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    assert all("#" in ln for ln in settings if ln.startswith("  ") or ":" in ln.split("#")[0]
+               and not ln.rstrip().endswith(":") and "main_training_function" not in ln)
