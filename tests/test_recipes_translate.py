@@ -16,23 +16,46 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launch import accelerate_cmd, free_port, run
+from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "recipes"))
 
-import common  # noqa: E402
-import translate  # noqa: E402
+import common
+import translate
 
 SLICE = {"train": 160, "val": 20, "test": 20}  # Multi30k's file names on the Hub
 STEPS, MIDDLE = 16, 8
-TINY = ["recipes/translate.py", "--d_model", "32", "--layers", "1", "--attention_heads", "2",
-        "--ffn_dim", "64", "--vocab_size", "400", "--max_steps", str(STEPS),
-        "--save_steps", str(MIDDLE), "--logging_steps", "1", "--eval_steps", str(MIDDLE),
-        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "8",
-        "--learning_rate", "1e-2", "--warmup_epochs", "0.8"]  # 4 steps at K=2  # fmt: skip
+TINY = [
+    "recipes/translate.py",
+    "--d_model",
+    "32",
+    "--layers",
+    "1",
+    "--attention_heads",
+    "2",
+    "--ffn_dim",
+    "64",
+    "--vocab_size",
+    "400",
+    "--max_steps",
+    str(STEPS),
+    "--save_steps",
+    str(MIDDLE),
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    str(MIDDLE),
+    "--per_device_train_batch_size",
+    "16",
+    "--per_device_eval_batch_size",
+    "8",
+    "--learning_rate",
+    "1e-2",
+    "--warmup_epochs",
+    "0.8",
+]  # 4 steps at K=2
 
 
 def parse(argv):
@@ -99,8 +122,9 @@ def test_local_directory_in_the_hub_schema(tiny_slice):
     rows = _embedded("validation")[:20]
     assert pairs["validation"] == ([r["en"] for r in rows], [r["de"] for r in rows])
     # de -> en from the same files
-    back = translate.get_pairs(parse(["--dataset_name", str(tiny_slice), "--source_lang", "de",
-                                      "--target_lang", "en"]))  # fmt: skip
+    back = translate.get_pairs(
+        parse(["--dataset_name", str(tiny_slice), "--source_lang", "de", "--target_lang", "en"])
+    )
     assert back["test"][0][0] == _embedded("test")[0]["de"]
 
 
@@ -135,8 +159,9 @@ def test_malformed_data_errors_name_the_schema(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(common.DataError,
-                       match="Hub dataset 'bentrevett/multi30k'.*--dataset_name default"):  # fmt: skip
+    with pytest.raises(
+        common.DataError, match="Hub dataset 'bentrevett/multi30k'.*--dataset_name default"
+    ):
         load("bentrevett/multi30k")
 
 
@@ -220,8 +245,9 @@ def test_warmup_is_scaled_down_by_the_global_batch():
     warmups = []
     for k in (1, 2, 8):
         steps_per_epoch = 800 // (args.per_device_train_batch_size * k)  # drop_last
-        lr = common.lr_schedule(args, num_processes=k, total_steps=1000,
-                                steps_per_epoch=steps_per_epoch)  # fmt: skip
+        lr = common.lr_schedule(
+            args, num_processes=k, total_steps=1000, steps_per_epoch=steps_per_epoch
+        )
         warmup = common.resolve_warmup_steps(args, steps_per_epoch)
         warmups.append(warmup)
         peak = 2e-3 * math.sqrt(32 * k / 64)
@@ -248,8 +274,19 @@ def test_a_dataset_without_a_validation_split_evaluates_on_test(tmp_path, tiny_s
     data.mkdir()
     for name in ("train", "test"):
         (data / f"{name}.jsonl").write_text((tiny_slice / f"{name}.jsonl").read_text())
-    argv = [*TINY[1:], "--dataset_name", str(data), "--max_steps", "2", "--save_steps", "0",
-            "--eval_steps", "2", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        *TINY[1:],
+        "--dataset_name",
+        str(data),
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "0",
+        "--eval_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     results = translate.main(argv)
     assert 0.0 <= results["test_bleu"] <= 100.0 and math.isfinite(results["test_loss"])
     assert results["eval_bleu"] == results["test_bleu"]  # the same split, the same anchor
@@ -258,8 +295,21 @@ def test_a_dataset_without_a_validation_split_evaluates_on_test(tmp_path, tiny_s
 @pytest.mark.parametrize("name", ["adamw", "extrap_sgd_fresh"])
 def test_single_process_runs_with_registry_entries(tmp_path, tiny_slice, name, one_thread):
     """`python recipes/translate.py` (one process) with the baseline and with a closure entry."""
-    argv = [*TINY[1:], "--dataset_name", str(tiny_slice), "--optim", name, "--max_steps", "3",
-            "--save_steps", "0", "--eval_steps", "0", "--output_dir", str(tmp_path)]  # fmt: skip
+    argv = [
+        *TINY[1:],
+        "--dataset_name",
+        str(tiny_slice),
+        "--optim",
+        name,
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "0",
+        "--eval_steps",
+        "0",
+        "--output_dir",
+        str(tmp_path),
+    ]
     results = translate.main(argv)
     assert results["step"] == 3 and 0.0 <= results["test_bleu"] <= 100.0
     assert math.isfinite(results["test_loss"]) and 0.0 <= results["eval_bleu"] <= 100.0
@@ -309,8 +359,15 @@ def runs(tmp_path_factory, tiny_slice):
         mp.delenv("WANDB_API_KEY", raising=False)
         mp.setenv("WANDB_SILENT", "true")
         _launch(*argv, "--output_dir", str(full), "--report_to", "wandb")
-        _launch(*argv, "--output_dir", str(resumed), "--report_to", "wandb",
-                "--resume_from_checkpoint", str(full / f"checkpoint-{MIDDLE}"))  # fmt: skip
+        _launch(
+            *argv,
+            "--output_dir",
+            str(resumed),
+            "--report_to",
+            "wandb",
+            "--resume_from_checkpoint",
+            str(full / f"checkpoint-{MIDDLE}"),
+        )
     return full, resumed
 
 
@@ -324,8 +381,9 @@ def test_translate_trains_and_reports_bleu(runs, tiny_slice):
     peak = 1e-2 * math.sqrt(32 / 64)  # sqrt scaling from 64 to the global batch 2·16
     for r in records:
         if "lr" in r:  # the rate of the step just taken: inverse square root after 4 warmup steps
-            assert r["lr"] == pytest.approx(common.inverse_sqrt_lr(r["step"] - 1, peak_lr=peak,
-                                                                   warmup_steps=4))  # fmt: skip
+            assert r["lr"] == pytest.approx(
+                common.inverse_sqrt_lr(r["step"] - 1, peak_lr=peak, warmup_steps=4)
+            )
     assert [r["step"] for r in records if "eval_bleu" in r] == [MIDDLE, STEPS]
     results = json.loads((full / "results.json").read_text())
     for key in ("eval_bleu", "test_bleu"):
@@ -337,8 +395,15 @@ def test_translate_trains_and_reports_bleu(runs, tiny_slice):
     assert [t["source"] for t in translations] == src  # every test pair once, in order
     hyps = [t["translation"] for t in translations]
     assert results["test_bleu"] == pytest.approx(translate.corpus_bleu(hyps, ref))
-    for name in ("curves.png", "config.yaml", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "config.json", "generation_config.json"):
+    for name in (
+        "curves.png",
+        "config.yaml",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+    ):
         assert (full / name).exists(), name
 
 
@@ -382,6 +447,12 @@ def test_wandb_offline_run_is_written_and_continued_on_resume(runs):
         assert any(f.endswith(".wandb") for f in os.listdir(out / "wandb" / offline[0]))
         ids.append(offline[0].rsplit("-", 1)[1])
     assert ids[0] == ids[1] and len(ids[0]) >= 8
+    # the run record (protobuf, uncompressed) carries the run name (the output folder's name),
+    # the project and the resolved options as the run's config
+    [record] = [f for f in (full / "wandb").glob("offline-run-*/*.wandb")]
+    data = record.read_bytes()
+    for text in (full.name, "extrap_accel_translate", "lr_scheduler_type", "inverse_sqrt"):
+        assert text.encode() in data, text
 
 
 @pytest.mark.slow
@@ -401,8 +472,9 @@ def test_translate_resumes_exactly(runs):
         la, lb = la["optimizers"][0], lb["optimizers"][0]
         for idx, entry in la["state"].items():
             assert all(torch.equal(v, lb["state"][idx][k]) for k, v in entry.items())
-    assert json.loads((full / "results.json").read_text())["test_bleu"] == (
-        json.loads((resumed / "results.json").read_text())["test_bleu"]
+    assert (
+        json.loads((full / "results.json").read_text())["test_bleu"]
+        == (json.loads((resumed / "results.json").read_text())["test_bleu"])
     )
 
 
@@ -415,15 +487,27 @@ def test_translate_under_deepspeed_resumes_exactly(tmp_path, tiny_slice):
     argv = [*TINY, "--dataset_name", str(tiny_slice), "--eval_steps", "0"]
 
     def launch(*args):
-        run([accelerate_cmd("cpu_2proc_deepspeed.yaml", "--main_process_port", str(free_port()),
-                            *argv, *args)], accelerate_use_cpu=False)  # fmt: skip
+        run(
+            [
+                accelerate_cmd(
+                    "cpu_2proc_deepspeed.yaml",
+                    "--main_process_port",
+                    str(free_port()),
+                    *argv,
+                    *args,
+                )
+            ],
+            accelerate_use_cpu=False,
+        )
 
     launch("--output_dir", str(full))
-    launch("--output_dir", str(resumed), "--resume_from_checkpoint",
-           str(full / f"checkpoint-{MIDDLE}"))  # fmt: skip
+    launch(
+        "--output_dir", str(resumed), "--resume_from_checkpoint", str(full / f"checkpoint-{MIDDLE}")
+    )
     for rank in (0, 1):
-        assert (full / f"checkpoint-{MIDDLE}" / "pytorch_model" /
-                f"extrap_accel_rank{rank}.pt").exists()  # fmt: skip
+        assert (
+            full / f"checkpoint-{MIDDLE}" / "pytorch_model" / f"extrap_accel_rank{rank}.pt"
+        ).exists()
     results = json.loads((full / "results.json").read_text())
     assert math.isfinite(results["test_loss"]) and 0.0 <= results["test_bleu"] <= 100.0
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))

@@ -14,19 +14,58 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launch import accelerate_cmd, free_port, run
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-VISION = ["recipes/vision.py", "--width", "0.25", "--max_steps", "20", "--save_steps", "10",
-          "--logging_steps", "1", "--eval_steps", "10", "--per_device_train_batch_size", "32",
-          "--learning_rate", "0.4", "--lr_scheduler_type", "constant", "--warmup_epochs", "0",
-          "--lars", "--log_smoothness", "--extrap_until", "15"]  # fmt: skip
-LM = ["recipes/language_model.py", "--emsize", "32", "--nhid", "32", "--max_steps", "16",
-      "--save_steps", "8", "--logging_steps", "1", "--eval_steps", "8", "--warmup_epochs", "0",
-      "--post_local_from", "12", "--local_period", "2", "--log_smoothness"]  # fmt: skip
+VISION = [
+    "recipes/vision.py",
+    "--width",
+    "0.25",
+    "--max_steps",
+    "20",
+    "--save_steps",
+    "10",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "10",
+    "--per_device_train_batch_size",
+    "32",
+    "--learning_rate",
+    "0.4",
+    "--lr_scheduler_type",
+    "constant",
+    "--warmup_epochs",
+    "0",
+    "--lars",
+    "--log_smoothness",
+    "--extrap_until",
+    "15",
+]
+LM = [
+    "recipes/language_model.py",
+    "--emsize",
+    "32",
+    "--nhid",
+    "32",
+    "--max_steps",
+    "16",
+    "--save_steps",
+    "8",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "8",
+    "--warmup_epochs",
+    "0",
+    "--post_local_from",
+    "12",
+    "--local_period",
+    "2",
+    "--log_smoothness",
+]
 
 
 def _launch(*args: str) -> None:
@@ -132,33 +171,62 @@ def test_torch_sgd_baseline_resumes_exactly_inside_post_local_sgd(tmp_path):
     ranks' weights and momenta differ (phase 2 from step 2, averaged after step 5): each rank
     saves and restores its own, and the resumed run continues bit for bit. Steps 6 and 7 are
     local: the run ends by averaging once more, so both ranks end on one model."""
-    argv = ["recipes/language_model.py", "--emsize", "16", "--nhid", "16", "--max_steps", "7",
-            "--save_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
-            "--warmup_epochs", "0", "--optim", "sgd", "--post_local_from", "2",
-            "--local_period", "3"]  # fmt: skip
+    argv = [
+        "recipes/language_model.py",
+        "--emsize",
+        "16",
+        "--nhid",
+        "16",
+        "--max_steps",
+        "7",
+        "--save_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "0",
+        "--warmup_epochs",
+        "0",
+        "--optim",
+        "sgd",
+        "--post_local_from",
+        "2",
+        "--local_period",
+        "3",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _launch(*argv, "--output_dir", str(full))
-    _launch(*argv, "--output_dir", str(resumed), "--resume_from_checkpoint",
-            str(full / "checkpoint-4"))  # fmt: skip
+    _launch(
+        *argv, "--output_dir", str(resumed), "--resume_from_checkpoint", str(full / "checkpoint-4")
+    )
     for rank in (0, 1):
         assert (full / "checkpoint-4" / f"post_local_baseline_rank{rank}.pt").exists()
     assert _records(resumed) == [r for r in _records(full) if r["step"] > 4]
     a = load_file(str(full / "checkpoint-7" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoint-7" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ranks = [torch.load(full / "checkpoint-7" / f"post_local_baseline_rank{r}.pt",
-                        weights_only=True)["model"] for r in (0, 1)]  # fmt: skip
+    ranks = [
+        torch.load(full / "checkpoint-7" / f"post_local_baseline_rank{r}.pt", weights_only=True)[
+            "model"
+        ]
+        for r in (0, 1)
+    ]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    mid = [torch.load(full / "checkpoint-4" / f"post_local_baseline_rank{r}.pt",
-                      weights_only=True)["model"] for r in (0, 1)]  # fmt: skip
+    mid = [
+        torch.load(full / "checkpoint-4" / f"post_local_baseline_rank{r}.pt", weights_only=True)[
+            "model"
+        ]
+        for r in (0, 1)
+    ]
     assert not all(torch.equal(mid[0][k], mid[1][k]) for k in mid[0])  # the check can fail
 
 
 def _vision():
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "recipes"))  # fmt: skip
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    )
     import common
     import vision
 
@@ -199,13 +267,22 @@ def test_resume_on_another_number_of_processes_needs_restart_extrapolation(visio
         with pytest.raises(common.ConfigError, match="saved by 2 processes.*--restart_extrap"):
             vision.main([*argv, "--output_dir", str(tmp_path / "refused")])
         at_anchor = tmp_path / "at_anchor"  # no step left: the final model is what was loaded
-        vision.main([*argv, "--restart_extrapolation", "--max_steps", "10",
-                     "--output_dir", str(at_anchor)])  # fmt: skip
+        vision.main(
+            [*argv, "--restart_extrapolation", "--max_steps", "10", "--output_dir", str(at_anchor)]
+        )
         a = load_file(str(at_anchor / "model.safetensors"))
         b = load_file(str(full / "checkpoint-10" / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        results = vision.main([*argv, "--restart_extrapolation", "--max_steps", "12",
-                               "--output_dir", str(tmp_path / "on")])  # fmt: skip
+        results = vision.main(
+            [
+                *argv,
+                "--restart_extrapolation",
+                "--max_steps",
+                "12",
+                "--output_dir",
+                str(tmp_path / "on"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert results["step"] == 12
