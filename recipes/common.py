@@ -737,8 +737,11 @@ def deepspeed_plugin(args: RecipeArguments):
     from accelerate.utils import DeepSpeedPlugin
 
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not path or path == "none":
-        return DeepSpeedPlugin(gradient_clipping=float(args.max_grad_norm or 0.0))
+    if not path or path == "none":  # the settings are in the accelerate yaml itself
+        given = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+        config = {"gradient_clipping": "auto" if given in ("", "none") else given}
+        deepspeed_gradient_clipping(config, args.max_grad_norm)
+        return DeepSpeedPlugin(gradient_clipping=config["gradient_clipping"])
     if not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
         path = os.path.join(REPO, path)
     if not os.path.exists(path):

@@ -370,6 +370,13 @@ def test_config_file_from_another_working_directory(tmp_path, monkeypatch):
     plugin = common.deepspeed_plugin(parse(["--max_grad_norm", "0.5"]))
     assert plugin.deepspeed_config["gradient_clipping"] == 0.5
     assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+    # an accelerate yaml with the DeepSpeed settings inline: the same rule, no silent override
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
+    with pytest.raises(common.ConfigError, match="clips gradients at 1.0.*--max_grad_norm 1.0"):
+        common.deepspeed_plugin(parse(["--max_grad_norm", "0.5"]))
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "none")
+    assert common.deepspeed_plugin(parse(["--max_grad_norm", "0.5"])).gradient_clipping == 0.5
 
 
 def _netrc(home, host="api.wandb.ai"):
