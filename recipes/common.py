@@ -1,123 +1,62 @@
-"""What the recipes share (vision.py, language_model.py, translate.py). It never owns the loop.
+"""Helpers the recipes share (vision.py, language_model.py, translate.py). They never own the loop.
 
-Each recipe is one top-to-bottom script with its own ``training_function``; this module holds
-the pieces that must behave the same in all of them and are tested once
-(tests/test_recipes_common.py).
+Each recipe is one top-to-bottom script: arguments, data, model, optimizer, ``extrap_accel.
+prepare``, then its own visible loop (accumulate, forward, backward, clip, step, zero_grad),
+evaluation and checkpoints at visible points. This module holds only pieces that must behave
+the same in every recipe and are tested once (tests/test_recipes_common.py); none of them
+decides the order of a recipe's steps.
 
-API
----
-Configuration (defaults < ``--config file.yaml`` < command line, HF TrainingArguments names)
-    TrainingArguments                     dataclass of the shared vocabulary; subclass it per recipe
-    parse_args(cls, argv=None, *, description=None, exit_on_error=True) -> cls instance
-    load_yaml_config(cls, path) -> dict   validated keys and values of a yaml file
-    ConfigError(ValueError)               every configuration mistake, with the fix in the message
-    DataError(ValueError)                 missing or malformed data, naming the expected schema
-
-Data
-    load_dataset_dict(name, config_name=None, *, schema, splits) -> datasets.DatasetDict
-        the Hub (``datasets.load_dataset``) or a local directory of files in the same schema
-        (parquet/arrow/csv/json/text files, or a ``save_to_disk`` directory)
-    step_generator(seed, step, rank, device="cpu") -> torch.Generator
-        a generator that depends only on (seed, step, rank): augmentation resumes exactly
-
-Optimizers and schedules (pure functions of the step)
-    param_groups_weight_decay(model, weight_decay) -> list[dict]  no decay on 1-D tensors
-    create_optimizer(args, params, *, extrap_max_norm=None) -> torch.optim.Optimizer
-    uses_closure(optimizer) -> bool       extrap_sgd_fresh: step(closure)
-    scale_lr(base_lr, global_batch, base_batch, rule="linear") -> float
-    warmup_step_decay_lr(step, *, peak_lr, total_steps, warmup_steps=0, warmup_init_lr=None,
-                         milestones=(0.5, 0.75), factor=0.1) -> float
-    inverse_sqrt_lr(step, *, peak_lr, warmup_steps, warmup_init_lr=0.0) -> float
-    resolve_warmup_steps(args, steps_per_epoch) -> int
-    lr_schedule(args, *, num_processes, total_steps, steps_per_epoch) -> Callable[[int], float]
-    plan_steps(args, steps_per_epoch, num_processes, *, too_small) -> (max_steps, lr_at)
-    set_lr(optimizer, lr) -> None
-    disable_extrapolation(optimizer) -> None       extrap_scale = 0 in every group (footnote 9)
-    apply_extrap_until(optimizer, args, step) -> bool
-
-Accelerate glue
-    make_accelerator(args, **accelerator_kwargs) -> accelerate.Accelerator
-    wrap_lars(args, optimizer) -> optimizer   extrap_accel.LARS on the prepared optimizer (--lars)
-    check_fsdp(accelerator, args)          accelerate's FSDP plugin: FSDP2 only, refused options
-    broadcast_buffers(accelerator, model)  FSDP2: buffers from rank 0 (as DDP; before training forwards and saves)
-    enable_post_local_sgd(accelerator, model, optimizer, args, step) -> PostLocalSGD | None
-    train_step(optimizer, forward_backward, *, clip=None, meter=None) -> loss
-    TrainState                             the step counter in every checkpoint
-    register_rank_state(accelerator, name, obj, required=True)   per-rank state (LSTM hidden)
-    resume(accelerator, args, state) -> str | None   --resume_from_checkpoint DIR | latest
-    start_run(accelerator, args, model, optimizer, state, project) -> (meter, post_local, logger)
-    save_checkpoint(accelerator, args, step) -> str   output_dir/checkpoint-<step>
-    find_latest_checkpoint(output_dir) -> str | None
-
-Logging
-    MetricsLogger(accelerator, args, project_name, resumed_step=0)
-        .log(metrics, step)   trackers (accelerator.log), metrics.jsonl and the curves
-        .latest(prefix="")    the last logged value of each metric
-        .finish(model, results)   saves the model (anchor), results.json, curves.png (Agg)
-    progress_bar(accelerator, total, initial=0) -> tqdm   main process only
-    train_metrics(accelerator, loss, optimizer, meter=None, post_local=None) -> dict
-    is_due(step, every, max_steps) -> bool   every N steps and at the last one
-    SmoothnessMeter(optimizer, accelerator)   ‖g_t − g_{t−1}‖ / ‖x̃_t − x̃_{t−1}‖ on this rank
-    smoothness_meter(accelerator, args, optimizer) -> SmoothnessMeter | None   --log_smoothness
-
-A recipe, in outline (vision.py and language_model.py are complete examples)::
-
-    @dataclass
-    class MyArguments(common.TrainingArguments):   # recipe fields; new defaults
-        label_smoothing: float = 0.1
-
-    args = common.parse_args(MyArguments, description=__doc__)
-    accelerator = common.make_accelerator(args)
-    with accelerator.main_process_first():
-        data = ...                                   # common.load_dataset_dict(...) or embedded
-    optimizer = common.create_optimizer(args, common.param_groups_weight_decay(model, wd))
-    model, optimizer, train_dl = extrap_accel.prepare(accelerator, model, optimizer, train_dl)
-    optimizer = common.wrap_lars(args, optimizer)
-    lr_at = common.lr_schedule(args, num_processes=..., total_steps=..., steps_per_epoch=...)
-    state = common.TrainState(); accelerator.register_for_checkpointing(state)
-    meter = common.smoothness_meter(accelerator, args, optimizer)
-    common.resume(accelerator, args, state)        # after everything is registered
-    post_local = common.enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
-    logger = common.MetricsLogger(accelerator, args, "project", state.step)
-    while state.step < max_steps:                  # epoch = step // steps_per_epoch;
-        ...                                        # skip_first_batches after a resume
-        common.set_lr(optimizer, lr_at(state.step))
-        common.apply_extrap_until(optimizer, args, state.step)
-        loss = common.train_step(optimizer, forward_backward, clip=clip, meter=meter)
-        state.step += 1
-        if post_local is not None and state.step >= max_steps:
-            post_local.finish()                    # end on one (averaged) model
-        if common.is_due(state.step, args.logging_steps, max_steps):
-            logger.log(common.train_metrics(accelerator, loss, optimizer, meter, post_local),
-                       state.step)
-        if common.is_due(state.step, args.save_steps, max_steps):
-            common.save_checkpoint(accelerator, args, state.step)
-    logger.finish(model, results)
+Configuration
+    RecipeArguments        the shared options (HF names: optim, lr_scheduler_type, dataset_name,
+                           gradient_accumulation_steps, save_total_limit, report_to, ...)
+    arg(default, help)     a dataclass field with its --help text; default(name, value): a
+                           shared field with a recipe's own default
+    parse_args(cls, argv)  transformers.HfArgumentParser; ``--config file.yaml`` sets defaults
+                           (command line > yaml > dataclass defaults)
+Data, optimizers, schedules
+    load_dataset_dict, step_generator, param_groups_weight_decay, create_optimizer,
+    uses_closure, lr_schedule (pure function of the optimizer step), plan_steps, set_lr,
+    apply_extrap_until, wrap_lars
+Accelerator arguments (passed visibly by each recipe)
+    trackers(args), deepspeed_plugin(args), process_group_kwargs(), check_launch(...)
+Checkpoints
+    TrainState, register_rank_state, resume, save_checkpoint (rotation: save_total_limit),
+    find_latest_checkpoint
+Logging and outputs
+    init_trackers (W&B online/offline, the run continued on resume), wandb_mode, MetricsLogger,
+    train_metrics, is_due, write_results, push_to_hub, SmoothnessMeter
 """
 
 from __future__ import annotations
 
 import argparse
+import configparser
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import json
 import math
+import netrc
 import os
 import re
+import shutil
 import sys
+import tempfile
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
 
 import extrap_accel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "recipes", "configs")
 
 # ============================================================================ configuration
 
@@ -130,67 +69,142 @@ class DataError(ValueError):
     """Data that is missing or does not have the schema the recipe expects."""
 
 
+def arg(default: Any, help: str, **metadata: Any):
+    """A dataclass field with its ``--help`` text (and HfArgumentParser metadata: aliases)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+TRACKERS = ("wandb", "tensorboard")
+# Old flag (and yaml key) -> HF's name; the old names are read for one more version.
+RENAMED = {
+    "optimizer": "optim",
+    "lr_schedule": "lr_scheduler_type",
+    "dataset": "dataset_name",
+    "dataset_config": "dataset_config_name",
+}
+
+
+def _alias(name: str) -> dict[str, list[str]]:
+    old = [k for k, v in RENAMED.items() if v == name]
+    return {"aliases": [f"--{o}" for o in old]} if old else {}
+
+
 @dataclass
-class TrainingArguments:
-    """The vocabulary every recipe shares. Field names follow HF ``TrainingArguments``."""
+class RecipeArguments:
+    """The options every recipe shares. Names follow transformers' TrainingArguments."""
 
     # ---- data and run
-    dataset: str = "default"  # the embedded default, a Hub id, or a local directory
-    dataset_config: str | None = None  # the Hub configuration, e.g. wikitext-2-raw-v1
-    output_dir: str = "outputs/run"
-    run_name: str | None = None
-    seed: int = 0
+    dataset_name: str = arg(
+        "default",
+        "'default' (the embedded offline data), a Hub dataset "
+        "id, or a local directory of files in the Hub's schema",
+        **_alias("dataset_name"),
+    )
+    dataset_config_name: str | None = arg(
+        None, "the Hub configuration, e.g. wikitext-2-raw-v1", **_alias("dataset_config_name")
+    )
+    output_dir: str = arg("outputs/run", "checkpoints, metrics, curves and the final model")
+    run_name: str | None = arg(None, "the tracker run's name (default: output_dir's basename)")
+    seed: int = arg(0, "seed of the model, the data order, augmentation and noise")
     # ---- length
-    max_steps: int = -1  # > 0 overrides num_train_epochs (optimizer steps)
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 32  # b; the global batch is K·b
-    per_device_eval_batch_size: int = 100
-    # ---- optimizer (any registry entry: extrap_accel.list_optimizers())
-    optimizer: str = "extrap_sgd"
-    learning_rate: float = 0.1  # γ₀ for base_batch_size samples, scaled by lr_scaling
-    base_batch_size: int = 128
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = None
-    # ---- schedule (per iteration)
-    lr_schedule: Literal["step", "constant", "inverse_sqrt"] = "step"
-    warmup_epochs: float = 0.0
-    warmup_steps: int = 0
-    warmup_init_lr: float | None = None  # None: the rate for one worker's batch (Goyal et al.)
-    lr_decay_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    lr_decay_factor: float = 0.1
+    max_steps: int = arg(-1, "optimizer steps; > 0 overrides num_train_epochs")
+    num_train_epochs: float = arg(1.0, "epochs (passes over the training data)")
+    per_device_train_batch_size: int = arg(
+        32,
+        "b: samples per process and micro-step; the "
+        "global batch is K·b·gradient_accumulation_steps",
+    )
+    per_device_eval_batch_size: int = arg(100, "samples per process in evaluation")
+    gradient_accumulation_steps: int = arg(
+        1, "micro-steps per optimizer step (K stays the number of processes)"
+    )
+    # ---- optimizer
+    optim: str = arg(
+        "extrap_sgd",
+        "any name of extrap_accel.list_optimizers() (sgd, adamw: the baselines)",
+        **_alias("optim"),
+    )
+    learning_rate: float = arg(0.1, "γ₀ for base_batch_size samples, scaled by lr_scaling")
+    base_batch_size: int = arg(128, "the global batch learning_rate is given for")
+    lr_scaling: Literal["linear", "sqrt", "none"] = arg(
+        "linear", "rule from base_batch_size to the global batch"
+    )
+    momentum: float = arg(0.9, "SGD-type momentum")
+    nesterov: bool = arg(True, "Nesterov momentum (SGD-type)")
+    weight_decay: float = arg(0.0, "weight decay (not on 1-D tensors: norms, biases)")
+    adam_beta1: float = arg(0.9, "Adam-type β₁")
+    adam_beta2: float = arg(0.999, "Adam-type β₂")
+    adam_epsilon: float = arg(1e-8, "Adam-type ε")
+    max_grad_norm: float | None = arg(
+        None,
+        "clip the averaged gradient at this norm (none: "
+        "off); also extrap_max_norm of the 'past' direction",
+    )
+    # ---- schedule (per optimizer step)
+    lr_scheduler_type: Literal["step", "constant", "inverse_sqrt"] = arg(
+        "step",
+        "step: ×lr_decay_factor at lr_decay_milestones; constant; inverse_sqrt",
+        **_alias("lr_scheduler_type"),
+    )
+    warmup_epochs: float = arg(0.0, "linear warmup length in epochs (samples)")
+    warmup_steps: int = arg(0, "linear warmup length in optimizer steps (instead of epochs)")
+    warmup_init_lr: float | None = arg(
+        None,
+        "warmup start (none: the rate of one worker's batch, Goyal et al.; 0 for inverse_sqrt)",
+    )
+    lr_decay_milestones: list[float] = arg(  # noqa: RUF009 (a field with a default_factory)
+        [0.5, 0.75], "fractions of training where the step schedule decays"
+    )
+    lr_decay_factor: float = arg(0.1, "the step schedule's factor")
     # ---- extrapolation
-    extrap_scale: float = 1.0  # γ̃ = extrap_scale·lr/K
-    extrap_lr: float | None = None  # an absolute γ̃ instead
-    noise_scale: float | None = None  # the gaussian/uniform/filterwise variants
-    extrap_until: int | None = None  # from this optimizer step on: extrap_scale = 0
-    post_local_from: int | None = None  # Algorithm 2: post-local SGD from this step
-    local_period: int = 4  # H: local steps between anchor averagings
+    extrap_scale: float = arg(1.0, "γ̃ = extrap_scale·lr/K")
+    extrap_lr: float | None = arg(None, "an absolute γ̃ instead of extrap_scale")
+    noise_scale: float | None = arg(None, "the gaussian/uniform/filterwise variants' noise")
+    extrap_until: int | None = arg(None, "from this optimizer step on: no extrapolation")
+    post_local_from: int | None = arg(None, "Algorithm 2: post-local SGD from this step (K>1)")
+    local_period: int = arg(4, "H: local steps between anchor averagings")
     # ---- LARS on the base update
-    lars: bool = False
-    lars_trust_coefficient: float = 0.02
-    lars_clip: bool = True
-    # ---- logging and checkpoints
-    logging_steps: int = 10
-    eval_steps: int = 0  # 0: evaluate at the end only
-    save_steps: int = 0  # 0: save at the end only
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
-    resume_from_checkpoint: str | None = None  # a checkpoint directory or "latest"
-    log_smoothness: bool = False
+    lars: bool = arg(False, "LARS trust ratios on the base update (SGD-type)")
+    lars_trust_coefficient: float = arg(0.02, "LARS η")
+    lars_clip: bool = arg(True, "clip LARS ratios at 1 (LARC)")
+    # ---- logging, checkpoints, outputs
+    logging_steps: int = arg(10, "log the training loss every N optimizer steps")
+    eval_steps: int = arg(0, "evaluate every N steps (0: at the end only)")
+    save_steps: int = arg(0, "checkpoint every N steps (0: at the end only)")
+    save_total_limit: int | None = arg(
+        None, "keep at most N checkpoint-<step> folders (the newest; never the one resumed from)"
+    )
+    report_to: list[str] = arg(  # noqa: RUF009 (a field with a default_factory)
+        ["none"], "trackers: none, all, wandb, tensorboard (several allowed)"
+    )
+    tracker_project_name: str | None = arg(
+        None, "W&B project / TensorBoard subfolder (default: $WANDB_PROJECT, else the recipe's)"
+    )
+    resume_from_checkpoint: str | None = arg(
+        None, "a checkpoint-<step> folder, or 'latest' in output_dir"
+    )
+    restart_extrapolation: bool = arg(
+        False,
+        "resume on another number of processes: restart "
+        "every rank's local extrapolation state from the anchor",
+    )
+    push_to_hub: bool = arg(False, "upload the final model (the anchor) to the Hub")
+    hub_model_id: str | None = arg(None, "the Hub repository (default: output_dir's basename)")
+    log_smoothness: bool = arg(False, "log ‖g_t − g_{t−1}‖ / ‖x̃_t − x̃_{t−1}‖ on each rank")
 
     def __post_init__(self) -> None:
         names = extrap_accel.list_optimizers()
-        if self.optimizer not in names:
-            raise ConfigError(
-                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(names)}"
-            )
-        positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
-                    "base_batch_size", "logging_steps")  # fmt: skip
+        if self.optim not in names:
+            raise ConfigError(f"unknown optim {self.optim!r}; choose one of {', '.join(names)}")
+        positive = (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "base_batch_size",
+            "logging_steps",
+            "gradient_accumulation_steps",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -204,178 +218,228 @@ class TrainingArguments:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0 (an optimizer step), got {value}")
-        if sorted(self.lr_decay_milestones) != list(self.lr_decay_milestones) or not all(
-            0 < m < 1 for m in self.lr_decay_milestones
-        ):
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
+        milestones = list(self.lr_decay_milestones)
+        if sorted(milestones) != milestones or not all(0 < m < 1 for m in milestones):
             raise ConfigError(
-                "lr_decay_milestones are increasing fractions of training in (0, 1), got "
-                f"{self.lr_decay_milestones}"
+                f"lr_decay_milestones are increasing fractions of training in (0, 1), got "
+                f"{milestones}"
             )
-        if self.lars and uses_closure_name(self.optimizer):
-            raise ConfigError(f"--lars cannot wrap {self.optimizer} (its step takes a closure)")
-        if self.lars and extrap_accel.get_optimizer_info(self.optimizer).family == "adam":
+        closure = extrap_accel.get_optimizer_info(self.optim).needs_closure
+        if self.lars and closure:
+            raise ConfigError(f"--lars cannot wrap {self.optim} (its step takes a closure)")
+        if self.lars and extrap_accel.get_optimizer_info(self.optim).family == "adam":
             raise ConfigError(
-                f"--lars rescales an SGD-type update; {self.optimizer} is Adam-type: use --lars "
-                "with sgd or an extrap_sgd* optimizer"
+                f"--lars rescales an SGD-type update; {self.optim} is Adam-type: "
+                "use --lars with sgd or an extrap_sgd* optimizer"
             )
-        if self.log_smoothness and uses_closure_name(self.optimizer):
-            raise ConfigError(f"--log_smoothness is not defined for {self.optimizer}")
-        if self.report_to == "tensorboard" and not any(
-            importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
-        ):
-            raise ConfigError("--report_to tensorboard needs `pip install tensorboard`")
+        if closure and self.log_smoothness:
+            raise ConfigError(f"--log_smoothness is not defined for {self.optim}")
+        if closure and self.gradient_accumulation_steps > 1:
+            raise ConfigError(
+                f"{self.optim} steps with a closure (a second forward/backward): "
+                "use --gradient_accumulation_steps 1"
+            )
+        self.report_to = _resolve_report_to(self.report_to)
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _resolve_report_to(values: list[str]) -> list[str]:
+    """HF's vocabulary: 'none', 'all' (every installed tracker) or names, also comma-separated."""
+    import importlib.util
+
+    names = [v.strip() for value in values for v in str(value).split(",") if v.strip()]
+    unknown = sorted(set(names) - {"none", "all", *TRACKERS})
+    if unknown:
+        raise ConfigError(f"report_to {unknown}: choose none, all, or of {', '.join(TRACKERS)}")
+    if "all" in names:
+        names = [t for t in TRACKERS if importlib.util.find_spec(t)]
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    if "tensorboard" in names and not any(
+        importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
+    ):
+        raise ConfigError("--report_to tensorboard needs `pip install tensorboard`")
+    return names or ["none"]
 
 
-def _fields(cls) -> dict[str, Any]:
-    hints = _hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+def default(name: str, value: Any):
+    """The shared field ``name`` of RecipeArguments with a recipe's own default (same help)."""
+    base = next(f for f in dataclasses.fields(RecipeArguments) if f.name == name)
+    return arg(
+        value, base.metadata["help"], **{k: v for k, v in base.metadata.items() if k != "help"}
+    )
 
 
-_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
-def _coerce(name: str, hint: Any, value: Any) -> Any:
-    """``value`` (a string from the command line or a yaml value) as the type ``hint`` says."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(name, inner[0], value)
+def _parser(cls, description: str | None):
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # a ConfigError: parse_args prints it and exits with 2
+            raise ConfigError(message)
+
+    parser = Parser(
+        cls, description=description, formatter_class=_HelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument(
+        "--config",
+        help="a yaml file of options (a path, or the name of a "
+        "file in recipes/configs); the command line overrides it",
+    )
+    hints = typing.get_type_hints(cls)
+    for action in parser._actions:  # Optional numbers: `--max_grad_norm none` means None
+        hint = hints.get(action.dest)
+        if hint is not None and type(None) in typing.get_args(hint) and action.type is not None:
+            action.type = _or_none(action.type)
+    return parser
+
+
+def _or_none(convert):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def resolve_config_path(path: str) -> str:
+    """``path`` from the working directory, else from the repository root, else the name of a
+    shipped config (recipes/configs/NAME.yaml): the commands in the docs work from anywhere."""
+    candidates = [path]
+    if not os.path.isabs(path):
+        candidates += [os.path.join(REPO, path), os.path.join(CONFIGS, path)]
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        raise ConfigError(f"config file {path!r} does not exist (nor in {REPO} or {CONFIGS})")
+    return found
+
+
+def _check_value(name: str, hint: Any, value: Any) -> Any:
+    """A yaml value of the type ``hint`` says (yaml has types already: no string coercion)."""
+    options = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in options:
+            return None
+        hint = next(a for a in options if a is not type(None))
+        options = typing.get_args(hint)
+    origin = typing.get_origin(hint)
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name} must be one of {', '.join(map(str, args))}, got {value!r}")
+        if value not in options:
+            raise ConfigError(
+                f"{name} must be one of {', '.join(map(str, options))}, got {value!r}"
+            )
         return value
     if origin is list:
-        if isinstance(value, str):
-            value = [v for v in re.split(r"[,\s]+", value.strip()) if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [_coerce(name, args[0], v) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool) or (hint is int and isinstance(value, float)):
-            raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
-        try:
-            return hint(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}") from None
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for {name}")  # a bug in a dataclass
-
-
-def _unknown_key(cls, key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_fields(cls)), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown key {key!r} in {where}{hint}; {cls.__name__} has no such field")
+        values = value if isinstance(value, list) else [value]
+        return [_check_value(name, options[0], v) for v in values]
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    }[hint]
+    if not ok(value):
+        kind = "true or false" if hint is bool else hint.__name__
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    return float(value) if hint is float else value
 
 
 def load_yaml_config(cls, path: str) -> dict[str, Any]:
     """The keys of the yaml file ``path``, each checked against the fields of ``cls``."""
     import yaml
 
+    path = resolve_config_path(path)
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid yaml: {e}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
-    hints = _fields(cls)
+    hints = typing.get_type_hints(cls)
     out = {}
     for key, value in raw.items():
+        if key in RENAMED:
+            warnings.warn(
+                f"{path}: '{key}' is now '{RENAMED[key]}' (the old name goes in the next version)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            key = RENAMED[key]
         if key not in hints:
-            raise _unknown_key(cls, key, path)
-        out[key] = _coerce(key, hints[key], value)
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown key {key!r} in {path}{hint}; {cls.__name__} has no such field"
+            )
+        out[key] = _check_value(key, hints[key], value)
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(message)
+def parse_args(
+    cls,
+    argv: list[str] | None = None,
+    *,
+    description: str | None = None,
+    exit_on_error: bool = True,
+):
+    """``cls`` from the command line through ``transformers.HfArgumentParser``.
 
-
-def _build_parser(cls, description: str | None) -> _Parser:
-    parser = _Parser(
-        description=description,
-        argument_default=argparse.SUPPRESS,  # only what was given overrides the yaml
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", help="a yaml file of fields (the command line overrides it)")
-    defaults = {f.name: f for f in dataclasses.fields(cls)}
-    for name, hint in _fields(cls).items():
-        f = defaults[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs: dict[str, Any] = {"help": f"(default: {default})", "metavar": name.upper()}
-        bare = hint in (bool, bool | None)
-        if bare:  # --lars alone means true
-            kwargs.update(nargs="?", const="true")
-        if typing.get_origin(hint) is list:
-            kwargs.update(nargs="+")
-        parser.add_argument(f"--{name}", **kwargs)
-    return parser
-
-
-def parse_args(cls, argv: list[str] | None = None, *, description: str | None = None,
-               exit_on_error: bool = True):  # fmt: skip
-    """Build ``cls`` from its defaults, then ``--config FILE.yaml``, then the other options.
-
-    Raises ConfigError (or, with ``exit_on_error``, prints it and exits with status 2).
+    ``--config FILE.yaml`` becomes the parser's defaults (``set_defaults``), so the precedence is
+    command line > yaml > dataclass defaults. Unknown yaml keys and flags are errors. Raises
+    ConfigError, or with ``exit_on_error`` prints it and exits with status 2.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = _build_parser(cls, description)
-        given = vars(parser.parse_args(argv))
-        values = {}
-        config = given.pop("config", None)
-        if config is not None:
-            values.update(load_yaml_config(cls, config))
-        from_yaml = set(values)
-        hints = _fields(cls)
-        for key, value in given.items():
-            if isinstance(value, list):  # nargs="+": "0.5 0.75" or "0.5,0.75"
-                value = " ".join(value)
-            values[key] = _coerce(key, hints[key], value)
-        # warmup in steps or in epochs: the one given (command line over yaml) replaces the
-        # other's default
+        parser = _parser(cls, description)
+        for flag in argv:
+            old = flag[2:].split("=")[0] if flag.startswith("--") else None
+            if old in RENAMED:
+                warnings.warn(
+                    f"--{old} is now --{RENAMED[old]} (the old name goes in the next version)",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+        known, _ = parser.parse_known_args(argv)
+        yaml_values = load_yaml_config(cls, known.config) if known.config else {}
+        given = {
+            a.dest for a in parser._actions for f in argv if f.split("=")[0] in a.option_strings
+        }
+        # warmup in steps or in epochs: the one given replaces the other's default
         pair = ("warmup_steps", "warmup_epochs")
-        for source in (set(given), from_yaml):
+        for source in (given, set(yaml_values)):
             chosen = [k for k in pair if k in source]
+            if len(chosen) == 1:
+                other = pair[1 - pair.index(chosen[0])]
+                if other not in given:
+                    yaml_values[other] = 0
             if chosen:
-                if len(chosen) == 1:
-                    other = pair[1 - pair.index(chosen[0])]
-                    if other not in given:
-                        values[other] = _coerce(other, hints[other], 0)
                 break
-        return cls(**values)
+        parser.set_defaults(**yaml_values)
+        args, *_, unknown = parser.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True, look_for_args_file=False
+        )
+        if unknown:
+            flags = [f"--{a.dest}" for a in parser._actions if a.option_strings]
+            close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return args
     except ConfigError as e:
         if not exit_on_error:
-            raise
+            raise e from None
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a recipe's ``main`` from the command line: a configuration or data mistake found
-    after parsing (one process for post-local SGD, a malformed dataset, a missing checkpoint)
-    ends with its message and exit status 2, as a parsing error does, not with a traceback."""
+    """Run a recipe's ``main``: a configuration or data mistake found after parsing ends with
+    its message and exit status 2, as a parsing error does, not with a traceback."""
     try:
         main()
     except (ConfigError, DataError) as e:
@@ -383,22 +447,18 @@ def run_main(main: Callable[[], Any]) -> None:
         raise SystemExit(2) from None
 
 
-def config_to_dict(args) -> dict[str, Any]:
-    return dataclasses.asdict(args)
-
-
 # ============================================================================ data
 
 
-def load_dataset_dict(name: str, config_name: str | None = None, *, schema: str,
-                      splits: Iterable[str] = ("train",)):  # fmt: skip
+def load_dataset_dict(
+    name: str, config_name: str | None = None, *, schema: str, splits: Iterable[str] = ("train",)
+):
     """A ``datasets.DatasetDict`` from the Hub or from a local directory of the same schema.
 
     ``name``: a Hub id (``uoft-cs/cifar10``) or an existing local directory that holds either a
     ``save_to_disk`` dataset or data files (parquet, arrow, csv, json, txt) whose names give the
-    split (``train-*.parquet``, ``test.csv``, ...), optionally in a subdirectory named after
-    ``config_name`` as in the Hub repositories. ``schema`` describes the expected columns for
-    the error messages; every split in ``splits`` must exist.
+    split, optionally in a subdirectory named after ``config_name`` as in the Hub repositories.
+    ``schema`` describes the expected columns for the error messages.
     """
     import datasets
 
@@ -418,12 +478,16 @@ def load_dataset_dict(name: str, config_name: str | None = None, *, schema: str,
             ds = datasets.load_dataset(name, config_name)
     except DataError:
         raise
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message says why
+    except Exception as e:
         where = f"the local directory {name!r}" if local else f"the Hub dataset {name!r}"
-        hint = "" if local else (
-            " (the Hub may be unreachable: pass --dataset default for the embedded data, or "
-            "--dataset <local dir> holding files of that schema)"
-        )  # fmt: skip
+        hint = (
+            ""
+            if local
+            else (
+                " (the Hub may be unreachable: pass --dataset_name default for the embedded data, "
+                "or --dataset_name <local dir> holding files of that schema)"
+            )
+        )
         raise DataError(
             f"could not load {where}: {type(e).__name__}: {e}. Expected {schema}{hint}"
         ) from e
@@ -431,9 +495,7 @@ def load_dataset_dict(name: str, config_name: str | None = None, *, schema: str,
         ds = datasets.DatasetDict({"train": ds})
     missing = [s for s in splits if s not in ds]
     if missing:
-        raise DataError(
-            f"{name!r} has splits {sorted(ds)}, missing {missing}; expected {schema}"
-        )
+        raise DataError(f"{name!r} has splits {sorted(ds)}, missing {missing}; expected {schema}")
     return ds
 
 
@@ -459,10 +521,6 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
     ]
 
 
-def uses_closure_name(name: str) -> bool:
-    return extrap_accel.get_optimizer_info(name).needs_closure
-
-
 def _base_optimizer(optimizer):
     """The torch optimizer under LARS and accelerate's AcceleratedOptimizer."""
     while hasattr(optimizer, "optimizer"):
@@ -471,22 +529,25 @@ def _base_optimizer(optimizer):
 
 
 def uses_closure(optimizer) -> bool:
+    """The optimizer's step takes a closure (extrap_sgd_fresh: a second forward/backward)."""
     base = _base_optimizer(optimizer)
-    return any("extrapolation" in g and extrap_accel.variant_info(
-        g["extrapolation"], bool(g.get("filterwise"))).needs_closure for g in base.param_groups)
+    return any(
+        "extrapolation" in g
+        and extrap_accel.variant_info(g["extrapolation"], bool(g.get("filterwise"))).needs_closure
+        for g in base.param_groups
+    )
 
 
-def create_optimizer(args: TrainingArguments, params, *, extrap_max_norm: float | None = None):
-    """The registry entry ``args.optimizer`` with the arguments it takes from ``args``.
+def create_optimizer(args: RecipeArguments, params, *, extrap_max_norm: float | None = None):
+    """The registry entry ``args.optim``, every hyperparameter passed explicitly from ``args``.
 
     SGD-type entries get lr/momentum/nesterov/weight_decay, Adam-type ones lr/betas/eps/
     weight_decay (decoupled); extrapolating entries also get extrap_scale or extrap_lr, the seed,
     noise_scale (noise variants) and ``extrap_max_norm`` (the 'past' direction only).
     """
-    info = extrap_accel.get_optimizer_info(args.optimizer)
-    adam = info.family == "adam"
+    info = extrap_accel.get_optimizer_info(args.optim)
     kwargs: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
-    if adam:
+    if info.family == "adam":
         kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     else:
         kwargs.update(momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
@@ -499,15 +560,27 @@ def create_optimizer(args: TrainingArguments, params, *, extrap_max_norm: float 
         if info.variant.noise:
             kwargs["noise_scale"] = args.noise_scale
         elif args.noise_scale is not None:
-            raise ConfigError(f"noise_scale applies to the noise variants, not {args.optimizer}")
+            raise ConfigError(f"noise_scale applies to the noise variants, not {args.optim}")
         if info.variant.name == "past" and extrap_max_norm is not None:
             kwargs["extrap_max_norm"] = extrap_max_norm
     elif args.noise_scale is not None or args.extrap_lr is not None:
-        raise ConfigError(f"{args.optimizer} does not extrapolate: remove noise_scale/extrap_lr")
+        raise ConfigError(f"{args.optim} does not extrapolate: remove noise_scale/extrap_lr")
     try:
-        return extrap_accel.create_optimizer(args.optimizer, params, **kwargs)
+        return extrap_accel.create_optimizer(args.optim, params, **kwargs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def wrap_lars(args: RecipeArguments, optimizer):
+    """``extrap_accel.LARS`` around the prepared optimizer when ``--lars`` (base update only)."""
+    if not args.lars:
+        return optimizer
+    try:
+        return extrap_accel.LARS(
+            optimizer, trust_coefficient=args.lars_trust_coefficient, clip=args.lars_clip
+        )
+    except NotImplementedError as e:  # under DeepSpeed
+        raise ConfigError(f"--lars: {e}") from None
 
 
 def scale_lr(base_lr: float, global_batch: int, base_batch: int, rule: str = "linear") -> float:
@@ -522,15 +595,19 @@ def scale_lr(base_lr: float, global_batch: int, base_batch: int, rule: str = "li
     raise ConfigError(f"lr_scaling must be linear, sqrt or none, got {rule!r}")
 
 
-def warmup_step_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int = 0,
-                         warmup_init_lr: float | None = None,
-                         milestones: Iterable[float] = (0.5, 0.75), factor: float = 0.1) -> float:  # fmt: skip
-    """The rate of optimizer step ``step`` (0-based): per-iteration linear warmup, then step decay.
-
-    Warmup: from ``warmup_init_lr`` (default peak_lr, i.e. none) at step 0 to ``peak_lr`` at step
-    ``warmup_steps``. Decay: ×``factor`` at each milestone, a fraction of ``total_steps`` (so of
-    the training samples seen); ``milestones=()`` is no decay.
-    """
+def warmup_step_decay_lr(
+    step: int,
+    *,
+    peak_lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_init_lr: float | None = None,
+    milestones: Iterable[float] = (0.5, 0.75),
+    factor: float = 0.1,
+) -> float:
+    """The rate of optimizer step ``step`` (0-based): per-iteration linear warmup from
+    ``warmup_init_lr`` to ``peak_lr``, then ×``factor`` at each milestone (fractions of
+    ``total_steps``); ``milestones=()`` is no decay."""
     if step < warmup_steps:
         start = peak_lr if warmup_init_lr is None else warmup_init_lr
         return start + (peak_lr - start) * step / warmup_steps
@@ -538,61 +615,75 @@ def warmup_step_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_
     return peak_lr * factor**passed
 
 
-def inverse_sqrt_lr(step: int, *, peak_lr: float, warmup_steps: int,
-                    warmup_init_lr: float = 0.0) -> float:  # fmt: skip
-    """fairseq's inverse square root: linear warmup to ``peak_lr``, then peak·√(warmup/step).
-
-    Step ``warmup_steps`` has ``peak_lr``; with ``warmup_steps = 0`` it is peak/√(step+1).
-    """
+def inverse_sqrt_lr(
+    step: int, *, peak_lr: float, warmup_steps: int, warmup_init_lr: float = 0.0
+) -> float:
+    """fairseq's inverse square root: linear warmup to ``peak_lr``, then peak·√(warmup/step)."""
     if step < warmup_steps:
         return warmup_init_lr + (peak_lr - warmup_init_lr) * step / warmup_steps
     return peak_lr * math.sqrt(max(warmup_steps, 1) / max(step, 1))
 
 
-def resolve_warmup_steps(args: TrainingArguments, steps_per_epoch: int) -> int:
+def resolve_warmup_steps(args: RecipeArguments, steps_per_epoch: int) -> int:
     if args.warmup_steps:
         return args.warmup_steps
     return round(args.warmup_epochs * steps_per_epoch)
 
 
-def lr_schedule(args: TrainingArguments, *, num_processes: int, total_steps: int,
-                steps_per_epoch: int) -> Callable[[int], float]:  # fmt: skip
+def global_batch(args: RecipeArguments, num_processes: int) -> int:
+    """K·b·gradient_accumulation_steps: the samples of one optimizer step."""
+    return num_processes * args.per_device_train_batch_size * args.gradient_accumulation_steps
+
+
+def lr_schedule(
+    args: RecipeArguments, *, num_processes: int, total_steps: int, steps_per_epoch: int
+) -> Callable[[int], float]:
     """``args``' schedule as a pure function of the optimizer step.
 
-    The peak rate is learning_rate scaled (lr_scaling) from base_batch_size to the global batch
-    K·b. Warmup (per iteration) starts from warmup_init_lr, by default the same rule's rate for
-    one worker's batch b — the small-batch rate, as in Goyal et al. (2017) — or from 0 for
-    inverse_sqrt. ``step``: ×lr_decay_factor at lr_decay_milestones; ``constant``: no decay.
+    The peak rate is learning_rate scaled (lr_scaling) from base_batch_size to the global batch.
+    Warmup starts from warmup_init_lr, by default the same rule's rate for one worker's batch
+    (Goyal et al. 2017), or 0 for inverse_sqrt.
     """
-    b = args.per_device_train_batch_size
-    peak = scale_lr(args.learning_rate, b * num_processes, args.base_batch_size, args.lr_scaling)
+    batch = global_batch(args, num_processes)
+    peak = scale_lr(args.learning_rate, batch, args.base_batch_size, args.lr_scaling)
     warmup = resolve_warmup_steps(args, steps_per_epoch)
     init = args.warmup_init_lr
-    if args.lr_schedule == "inverse_sqrt":
-        return functools.partial(inverse_sqrt_lr, peak_lr=peak, warmup_steps=warmup,
-                                 warmup_init_lr=0.0 if init is None else init)  # fmt: skip
+    if args.lr_scheduler_type == "inverse_sqrt":
+        return functools.partial(
+            inverse_sqrt_lr,
+            peak_lr=peak,
+            warmup_steps=warmup,
+            warmup_init_lr=0.0 if init is None else init,
+        )
     if init is None:
-        init = scale_lr(args.learning_rate, b, args.base_batch_size, args.lr_scaling)
-    milestones = args.lr_decay_milestones if args.lr_schedule == "step" else ()
+        init = scale_lr(
+            args.learning_rate, batch // num_processes, args.base_batch_size, args.lr_scaling
+        )
+    milestones = args.lr_decay_milestones if args.lr_scheduler_type == "step" else ()
     return functools.partial(
-        warmup_step_decay_lr, peak_lr=peak, total_steps=total_steps, warmup_steps=warmup,
-        warmup_init_lr=init, milestones=tuple(milestones), factor=args.lr_decay_factor,
-    )  # fmt: skip
+        warmup_step_decay_lr,
+        peak_lr=peak,
+        total_steps=total_steps,
+        warmup_steps=warmup,
+        warmup_init_lr=init,
+        milestones=tuple(milestones),
+        factor=args.lr_decay_factor,
+    )
 
 
-def plan_steps(args: TrainingArguments, steps_per_epoch: int, num_processes: int, *,
-               too_small: str) -> tuple[int, Callable[[int], float]]:
-    """``max_steps`` (``--max_steps``, else epochs × steps per epoch) and the LR schedule.
-
-    ``too_small`` is the DataError message when the data do not fill one optimizer step.
-    """
+def plan_steps(
+    args: RecipeArguments, steps_per_epoch: int, num_processes: int, *, too_small: str
+) -> tuple[int, Callable[[int], float]]:
+    """``max_steps`` (``--max_steps``, else epochs × optimizer steps per epoch) and the schedule.
+    ``too_small`` is the DataError message when the data do not fill one optimizer step."""
     if steps_per_epoch == 0:
         raise DataError(too_small)
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
-        args.num_train_epochs * steps_per_epoch
+    max_steps = (
+        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     )
-    return max_steps, lr_schedule(args, num_processes=num_processes, total_steps=max_steps,
-                                  steps_per_epoch=steps_per_epoch)  # fmt: skip
+    return max_steps, lr_schedule(
+        args, num_processes=num_processes, total_steps=max_steps, steps_per_epoch=steps_per_epoch
+    )
 
 
 def set_lr(optimizer, lr: float) -> None:
@@ -601,11 +692,8 @@ def set_lr(optimizer, lr: float) -> None:
 
 
 def disable_extrapolation(optimizer) -> None:
-    """Turn extrapolation off from the next step on: extrap_scale = 0 in every group.
-
-    Groups with an absolute ``extrap_lr`` get 0 there too, and the noise variants noise_scale
-    0, so that x̃ = x for every variant (ALGORITHMS.md, footnote 9 of the paper).
-    """
+    """Extrapolation off from the next step on (x̃ = x for every variant; docs/algorithms.md,
+    footnote 9 of the paper): extrap_scale, extrap_lr and noise_scale 0 in every group."""
     for group in _base_optimizer(optimizer).param_groups:
         if "extrap_scale" not in group:
             continue  # sgd, adamw: nothing to turn off
@@ -616,7 +704,7 @@ def disable_extrapolation(optimizer) -> None:
             group["noise_scale"] = 0.0
 
 
-def apply_extrap_until(optimizer, args: TrainingArguments, step: int) -> bool:
+def apply_extrap_until(optimizer, args: RecipeArguments, step: int) -> bool:
     """Before optimizer step ``step``: off when step >= extrap_until. True if it is off."""
     if args.extrap_until is not None and step >= args.extrap_until:
         disable_extrapolation(optimizer)
@@ -624,111 +712,52 @@ def apply_extrap_until(optimizer, args: TrainingArguments, step: int) -> bool:
     return False
 
 
-# ============================================================================ accelerate
+# ============================================================================ the Accelerator
 
 
-def make_accelerator(args: TrainingArguments, **kwargs):
-    """An Accelerator with the trackers of ``--report_to`` and a seeded sampler (exact resume).
+def trackers(args: RecipeArguments) -> list[str] | None:
+    """``Accelerator(log_with=...)`` for ``--report_to``."""
+    return None if args.report_to == ["none"] else list(args.report_to)
 
-    W&B without WANDB_API_KEY runs offline (WANDB_MODE=offline) and writes under output_dir.
-    Options that need a number of processes the launch does not have fail here, early.
+
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+def deepspeed_plugin(args: RecipeArguments):
+    """``Accelerator(deepspeed_plugin=...)`` under a DeepSpeed launch (else None).
+
+    The launch's ``deepspeed_config_file`` (a path from the working directory, else from the
+    repository root, so the shipped yamls work from anywhere), with ``gradient_clipping`` set to
+    ``--max_grad_norm``: under DeepSpeed the engine clips, and DeepSpeed would clip at 1.0 by
+    default. A config that clips at another norm is an error, not a silent choice.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, set_seed
+    if not _deepspeed_launch():
+        return None
+    from accelerate.utils import DeepSpeedPlugin
 
-    log_with = None
-    if args.report_to == "wandb":
-        if not os.environ.get("WANDB_API_KEY"):
-            os.environ.setdefault("WANDB_MODE", "offline")
-        log_with = "wandb"
-    elif args.report_to == "tensorboard":
-        if not is_tensorboard_available():
-            raise ConfigError("--report_to tensorboard needs `pip install tensorboard`")
-        log_with = "tensorboard"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not (
-        torch.cuda.is_available() or "kwargs_handlers" in kwargs
-    ):  # DeepSpeed on CPU (accelerate_configs/cpu_2proc_deepspeed.yaml): accelerate would
-        # count one process without a gloo group
-        from accelerate.utils import InitProcessGroupKwargs
-
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    accelerator = Accelerator(
-        log_with=log_with,
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        **kwargs,
-    )
-    if accelerator.num_processes > 1 and uses_closure_name(args.optimizer):
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none":  # the settings are in the accelerate yaml itself
+        given = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+        config = {"gradient_clipping": "auto" if given in ("", "none") else given}
+        deepspeed_gradient_clipping(config, args.max_grad_norm)
+        return DeepSpeedPlugin(gradient_clipping=config["gradient_clipping"])
+    if not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
+        path = os.path.join(REPO, path)
+    if not os.path.exists(path):
         raise ConfigError(
-            f"{args.optimizer} (an extra forward/backward per step) runs on one process only; "
-            "use extrap_sgd under data parallelism"
+            f"deepspeed_config_file {path!r} does not exist (relative paths are "
+            f"read from the working directory or from {REPO})"
         )
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        deepspeed_gradient_clipping(plugin.deepspeed_config, args.max_grad_norm)
-    check_fsdp(accelerator, args)
-    set_seed(args.seed)  # the same initial model on every rank
-    return accelerator
-
-
-def is_fsdp(accelerator) -> bool:
-    """accelerate's FSDP plugin is in use (only FSDP2, fsdp_version: 2, gets past make_accelerator)."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
-def check_fsdp(accelerator, args: TrainingArguments) -> None:
-    """Under accelerate's FSDP plugin: FSDP2 only, and none of the options that need whole
-    tensors or DDP (extrap_accel.prepare attaches the FSDP2 adapter; README, "FSDP2")."""
-    if not is_fsdp(accelerator):
-        return
-    version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
-    if version != 2:
-        raise ConfigError(
-            "the recipes support accelerate's FSDP plugin with fsdp_version: 2 (FSDP2, "
-            "fully_shard) only: use accelerate_configs/fsdp2_bf16.yaml or set fsdp_version: 2"
-        )
-    refused = [(args.post_local_from is not None, "--post_local_from (post-local SGD is a DDP "
-                "communication hook)"),
-               (args.lars, "--lars (LARS needs each tensor's whole norm; FSDP2 holds shards)"),
-               (args.log_smoothness, "--log_smoothness (it concatenates whole gradients and "
-                "points; FSDP2 holds shards)")]  # fmt: skip
-    for on, what in refused:
-        if on:
-            raise ConfigError(f"{what} is not supported under FSDP2: remove it, or use DDP "
-                              "(accelerate_configs/multi_gpu.yaml)")
-
-
-def broadcast_buffers(accelerator, model) -> None:
-    """Under FSDP2, every buffer (BatchNorm's running statistics) from rank 0, as DDP does before
-    each training forward (broadcast_buffers=True). FSDP2 leaves buffers to each rank and its
-    checkpoints keep one rank's copy; this keeps the ranks alike, so a resume is exact. One
-    broadcast per buffer; nothing without buffers or under other backends."""
-    if not is_fsdp(accelerator) or accelerator.num_processes < 2:
-        return
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def _broadcast_buffers_before_training_forwards(accelerator, model) -> None:
-    if not is_fsdp(accelerator) or not any(True for _ in model.buffers()):
-        return
-
-    def hook(module, args):
-        if module.training and torch.is_grad_enabled():
-            broadcast_buffers(accelerator, module)
-
-    model.register_forward_pre_hook(hook)
+    with open(path) as f:
+        config = json.load(f)
+    deepspeed_gradient_clipping(config, args.max_grad_norm)
+    return DeepSpeedPlugin(hf_ds_config=config)
 
 
 def deepspeed_gradient_clipping(config: dict[str, Any], max_grad_norm: float | None) -> None:
-    """Under DeepSpeed the engine clips (``accelerator.clip_grad_norm_`` only measures), so
-    ``--max_grad_norm`` becomes the config's ``gradient_clipping`` (0: none). A config that
-    clips at another norm is a conflict, not something to choose silently."""
+    """``config['gradient_clipping']`` = ``max_grad_norm`` (0: none) where the config leaves it
+    open ("auto", absent, 0 or the same value); another value is a ConfigError."""
     wanted = float(max_grad_norm or 0.0)
     current = config.get("gradient_clipping", "auto")
     if current == "auto" or float(current) in (0.0, wanted):
@@ -741,28 +770,80 @@ def deepspeed_gradient_clipping(config: dict[str, Any], max_grad_norm: float | N
     )
 
 
-def wrap_lars(args: TrainingArguments, optimizer):
-    """``extrap_accel.LARS`` around the prepared optimizer when ``--lars`` (base update only)."""
-    if not args.lars:
-        return optimizer
-    try:
-        return extrap_accel.LARS(
-            optimizer, trust_coefficient=args.lars_trust_coefficient, clip=args.lars_clip
+def process_group_kwargs() -> list:
+    """``Accelerator(kwargs_handlers=...)``: DeepSpeed on CPU needs a gloo process group, or
+    accelerate counts one process (accelerate_configs/cpu_2proc_deepspeed.yaml)."""
+    if not _deepspeed_launch() or torch.cuda.is_available():
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(backend="gloo")]
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_launch(accelerator, args: RecipeArguments) -> None:
+    """Options this launch cannot run fail here, before any data is read: a closure optimizer
+    with several processes; under accelerate's FSDP plugin, FSDP1 and the options that need
+    whole tensors or DDP."""
+    if accelerator.num_processes > 1 and extrap_accel.get_optimizer_info(args.optim).needs_closure:
+        raise ConfigError(
+            f"{args.optim} (an extra forward/backward per step) runs on one process "
+            "only; use extrap_sgd under data parallelism"
         )
-    except NotImplementedError as e:  # under DeepSpeed
-        raise ConfigError(f"--lars: {e}") from None
+    if not is_fsdp(accelerator):
+        return
+    if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise ConfigError(
+            "the recipes support accelerate's FSDP plugin with fsdp_version: 2 (FSDP2, "
+            "fully_shard) only: use accelerate_configs/fsdp2_bf16.yaml or set fsdp_version: 2"
+        )
+    refused = [
+        (args.post_local_from is not None, "--post_local_from (a DDP communication hook)"),
+        (args.lars, "--lars (LARS needs each tensor's whole norm; FSDP2 holds shards)"),
+        (args.log_smoothness, "--log_smoothness (it needs whole gradients; FSDP2 holds shards)"),
+    ]
+    for on, what in refused:
+        if on:
+            raise ConfigError(
+                f"{what} is not supported under FSDP2: remove it, or use DDP "
+                "(accelerate_configs/multi_gpu.yaml)"
+            )
 
 
-def enable_post_local_sgd(accelerator, model, optimizer, args: TrainingArguments, step: int = 0):
-    """Algorithm 2 from optimizer step ``args.post_local_from`` (None: not used).
+def broadcast_buffers(accelerator, model) -> None:
+    """Under FSDP2, every buffer (BatchNorm's running statistics) from rank 0, as DDP does before
+    each training forward: FSDP2 leaves buffers to each rank and its checkpoints keep one rank's
+    copy. Nothing without buffers or under other backends."""
+    if not is_fsdp(accelerator) or accelerator.num_processes < 2:
+        return
+    import torch.distributed as dist
 
-    ``step`` is the step the run starts from (after a resume): the switch and the averaging
-    schedule continue from it. Needs a multi-process launch (the DDP-wrapped model).
-    The anchors are averaged after steps post_local_from + j·local_period (j = 1, 2, ...);
-    in between they differ per rank, and an evaluation gathers each rank's predictions from
-    its own anchor: evaluate at those steps to see the averaged model. The recipes call
-    ``post_local.finish()`` after the last step, so training ends on one averaged model.
-    """
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def broadcast_buffers_before_training_forwards(accelerator, model) -> None:
+    """Under FSDP2: ``broadcast_buffers`` in a pre-hook of every training forward."""
+    if not is_fsdp(accelerator) or not any(True for _ in model.buffers()):
+        return
+
+    def hook(module, args):
+        if module.training and torch.is_grad_enabled():
+            broadcast_buffers(accelerator, module)
+
+    model.register_forward_pre_hook(hook)
+
+
+def enable_post_local_sgd(accelerator, model, optimizer, args: RecipeArguments, step: int = 0):
+    """Algorithm 2 from optimizer step ``args.post_local_from`` (None: not used), continuing
+    from ``step`` (after a resume). Needs K >= 2 processes. Anchors are averaged after steps
+    post_local_from + j·local_period; call ``finish()`` after the last step."""
     if args.post_local_from is None:
         return None
     if accelerator.num_processes < 2:
@@ -771,19 +852,21 @@ def enable_post_local_sgd(accelerator, model, optimizer, args: TrainingArguments
             "`ACCELERATE_USE_CPU=1 accelerate launch --config_file "
             "accelerate_configs/cpu_2proc.yaml ...` or `accelerate launch --num_processes K ...`"
         )
-    base = _base_optimizer(optimizer)
     post_local = extrap_accel.enable_post_local_sgd(
-        model, base, start_step=args.post_local_from, period=args.local_period,
-    )  # fmt: skip
+        model,
+        _base_optimizer(optimizer),
+        start_step=args.post_local_from,
+        period=args.local_period,
+    )
     post_local.resume_at(step)  # the comm hook's and the averager's counters
     return post_local
 
 
-def _baseline_rank_state(accelerator, model, optimizer, args: TrainingArguments):
+def baseline_rank_state(accelerator, model, optimizer, args: RecipeArguments):
     """Post-local SGD with a torch optimizer (the baseline): in phase 2 its weights and momentum
-    differ per rank, and accelerate saves rank 0's only. Save each rank's own beside the
-    checkpoint (``post_local_baseline_rank<r>.pt``); returns the function that restores them
-    after ``load_state`` (None when not needed: extrap_accel optimizers keep their own)."""
+    differ per rank, and accelerate saves rank 0's only. Saves each rank's own beside the
+    checkpoint; returns the function that restores them after ``load_state`` (None when not
+    needed: extrap_accel optimizers keep their own)."""
     base = _base_optimizer(optimizer)
     if args.post_local_from is None or isinstance(base, extrap_accel.ExtrapOptimizer):
         return None
@@ -793,16 +876,15 @@ def _baseline_rank_state(accelerator, model, optimizer, args: TrainingArguments)
         return os.path.join(directory, f"post_local_baseline_rank{accelerator.process_index}.pt")
 
     def save_hook(models, weights, output_dir):
-        torch.save({"model": module.state_dict(), "optimizer": base.state_dict()},
-                   path(output_dir))  # fmt: skip
+        torch.save({"model": module.state_dict(), "optimizer": base.state_dict()}, path(output_dir))
 
     accelerator.register_save_state_pre_hook(save_hook)
 
     def restore(directory: str) -> None:
         if not os.path.exists(path(directory)):
             warnings.warn(
-                f"{path(directory)} is missing: this rank continues from rank 0's weights and "
-                "momentum, not an exact continuation of post-local SGD",
+                f"{path(directory)} is missing: this rank continues from rank 0's "
+                "weights and momentum, not an exact continuation of post-local SGD",
                 stacklevel=2,
             )
             return
@@ -813,58 +895,27 @@ def _baseline_rank_state(accelerator, model, optimizer, args: TrainingArguments)
     return restore
 
 
-def train_step(optimizer, forward_backward: Callable[[], torch.Tensor], *,
-               clip: Callable[[], Any] | None = None,
-               meter: SmoothnessMeter | None = None) -> torch.Tensor:  # fmt: skip
-    """One optimizer step: zero_grad, ``forward_backward()`` (returns the loss), the smoothness
-    meter, ``clip()`` (gradient clipping of the averaged gradient) and ``optimizer.step()``.
-
-    ``extrap_sgd_fresh`` takes the same sequence as a closure (it runs it twice: at the anchor
-    and at x̃); its loss is the one at x̃.
-    """
-
-    losses = []
-
-    def closure():
-        optimizer.zero_grad()
-        losses.append(forward_backward())
-        if clip is not None:
-            clip()
-        return losses[-1]
-
-    if uses_closure(optimizer):
-        optimizer.step(closure)  # accelerate's wrapper does not return the loss
-        return losses[-1]
-    optimizer.zero_grad()
-    loss = forward_backward()
-    if meter is not None:
-        meter.update()
-    if clip is not None:
-        clip()
-    optimizer.step()
-    return loss
+# ============================================================================ checkpoints
 
 
 @dataclass
 class TrainState:
-    """What the loop needs to continue: the number of optimizer steps taken."""
+    """What the loop needs to continue: optimizer steps taken and the trackers' run ids/dirs."""
 
     step: int = 0
+    trackers: dict[str, str] = field(default_factory=dict)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "trackers": dict(self.trackers)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.trackers = dict(state.get("trackers", {}))
 
 
 def register_rank_state(accelerator, name: str, obj, required: bool = True) -> None:
-    """Save ``obj.state_dict()`` on every rank in ``save_state`` and load it in ``load_state``.
-
-    accelerate saves registered objects from the main process only; per-rank state (an LSTM's
-    hidden state, rank-specific buffers) goes to ``<checkpoint>/<name>_rank<i>.pt``. A file
-    missing at load time is an error if ``required``, else ``obj`` keeps its fresh state.
-    """
+    """Save ``obj.state_dict()`` on every rank in ``save_state`` (``<name>_rank<i>.pt``) and load
+    it in ``load_state``. A missing file is an error if ``required``, else ``obj`` stays fresh."""
 
     def path(directory: str) -> str:
         return os.path.join(directory, f"{name}_rank{accelerator.process_index}.pt")
@@ -887,28 +938,54 @@ def register_rank_state(accelerator, name: str, obj, required: bool = True) -> N
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_COMPLETE = "checkpoint_complete.json"  # written by the main process once every rank saved
 
 
-_COMPLETE = "checkpoint_complete.json"  # written once every rank has saved
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(
+        (int(m.group(1)), os.path.join(output_dir, d))
+        for d in os.listdir(output_dir)
+        if (m := _CHECKPOINT.match(d))
+    )
 
 
 def find_latest_checkpoint(output_dir: str) -> str | None:
-    """The complete ``checkpoint-<step>`` directory of ``output_dir`` with the largest step
-    (a save that was interrupted is skipped, with a warning)."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = sorted((int(m.group(1)), d) for d in os.listdir(output_dir)
-                   if (m := _CHECKPOINT.match(d)))  # fmt: skip
-    while found and not os.path.exists(os.path.join(output_dir, found[-1][1], _COMPLETE)):
-        warnings.warn(f"skipping {found.pop()[1]} in {output_dir}: its save did not finish",
-                      stacklevel=2)  # fmt: skip
-    return os.path.join(output_dir, found[-1][1]) if found else None
+    """The complete ``checkpoint-<step>`` of ``output_dir`` with the largest step (a save that
+    did not finish is skipped, with a warning)."""
+    found = _checkpoints(output_dir)
+    while found and not os.path.exists(os.path.join(found[-1][1], _COMPLETE)):
+        warnings.warn(
+            f"skipping {os.path.basename(found.pop()[1])} in {output_dir}: its save did not finish",
+            stacklevel=2,
+        )
+    return found[-1][1] if found else None
 
 
-def save_checkpoint(accelerator, args: TrainingArguments, step: int) -> str:
-    """``accelerator.save_state`` into output_dir/checkpoint-<step>: model (the anchor),
-    optimizer, per-rank extrapolation state, RNG, sampler and the registered TrainState; then,
-    once every rank has saved, ``checkpoint_complete.json``."""
+def rotate_checkpoints(output_dir: str, limit: int | None, keep: str | None = None) -> list[str]:
+    """Delete the oldest complete checkpoints beyond ``limit`` (never ``keep``, the checkpoint
+    resumed from, nor an unfinished one); returns the deleted folders."""
+    if limit is None:
+        return []
+    protected = {os.path.realpath(keep)} if keep else set()
+    complete = [
+        p for _, p in _checkpoints(output_dir) if os.path.exists(os.path.join(p, _COMPLETE))
+    ]
+    doomed = [
+        p for p in complete[: max(0, len(complete) - limit)] if os.path.realpath(p) not in protected
+    ]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def save_checkpoint(
+    accelerator, args: RecipeArguments, step: int, resumed_from: str | None = None
+) -> str:
+    """``accelerator.save_state`` into output_dir/checkpoint-<step> (model = the anchor, optimizer,
+    every rank's extrapolation state, RNG, sampler, TrainState), then, once every rank has saved,
+    ``checkpoint_complete.json`` from the main process, then rotation (``save_total_limit``)."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     for model in accelerator._models:  # FSDP2: the checkpoint keeps one rank's buffers
         broadcast_buffers(accelerator, model)
@@ -917,32 +994,42 @@ def save_checkpoint(accelerator, args: TrainingArguments, step: int) -> str:
     if accelerator.is_main_process:
         with open(os.path.join(path, _COMPLETE), "w") as f:
             json.dump({"step": step, "num_processes": accelerator.num_processes}, f)
+        rotate_checkpoints(args.output_dir, args.save_total_limit, keep=resumed_from)
+    accelerator.wait_for_everyone()
     return path
 
 
-def check_checkpoint(accelerator, path: str) -> None:
+def check_checkpoint(accelerator, path: str, restart: bool = False) -> None:
     """Fail before loading, with the fix, if ``path`` cannot be resumed by this launch."""
     marker = os.path.join(path, _COMPLETE)
     if not os.path.exists(marker):
         raise ConfigError(
             f"{path} has no {_COMPLETE}: its save did not finish (or another program wrote it); "
-            "resume from an earlier checkpoint-<step>"
+            "resume from an earlier checkpoint-<step>. Multi-node: the main process writes it, "
+            "so every node must see the same folder (a shared file system)"
         )
     with open(marker) as f:
         saved = json.load(f).get("num_processes")
+    if restart:
+        return
     if saved is not None and saved != accelerator.num_processes:
         raise ConfigError(
             f"{path} was saved by {saved} processes and this launch has "
             f"{accelerator.num_processes}: each rank's extrapolation state belongs to one worker; "
-            f"resume with {saved} processes"
+            f"resume with {saved} processes, or add --restart_extrapolation to restart it from "
+            "the anchor"
         )
     rank = accelerator.process_index
     wanted = [f"random_states_{rank}.pkl"] if saved and saved > 1 else []
     if os.path.exists(os.path.join(path, "optimizer.bin")):  # (DeepSpeed keeps its own layout)
         wanted.append("model.safetensors")
-        wanted += [f for f in os.listdir(path) if f.startswith("extrap_accel_")
-                   and f.endswith("_rank0.pt") or f == "extrap_accel_rank0.pt"]  # fmt: skip
-        wanted = [f.replace("rank0.pt", f"rank{rank}.pt") for f in wanted]
+        wanted += [
+            f.replace("rank0.pt", f"rank{rank}.pt")
+            for f in os.listdir(path)
+            if f.startswith("extrap_accel_")
+            and f.endswith("_rank0.pt")
+            or f == "extrap_accel_rank0.pt"
+        ]
     missing = [f for f in wanted if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise ConfigError(
@@ -952,11 +1039,22 @@ def check_checkpoint(accelerator, path: str) -> None:
         )
 
 
-def resume(accelerator, args: TrainingArguments, state: TrainState) -> str | None:
-    """``accelerator.load_state`` from ``--resume_from_checkpoint`` (a directory or ``latest``).
+def _without_rank_files(path: str) -> str:
+    """A folder of links to ``path``'s files except the per-rank ones (restart)."""
+    view = tempfile.mkdtemp(prefix="restart-")
+    for name in os.listdir(path):
+        if not re.match(r"^(extrap_accel_.*rank\d+\.pt|\w+_rank\d+\.pt)$", name):
+            os.symlink(os.path.join(os.path.abspath(path), name), os.path.join(view, name))
+    return view
 
-    Register TrainState (``accelerator.register_for_checkpointing``) and prepare everything with
-    ``extrap_accel.prepare`` first. Returns the directory loaded, or None.
+
+def resume(accelerator, args: RecipeArguments, state: TrainState, optimizer=None) -> str | None:
+    """``accelerator.load_state`` from ``--resume_from_checkpoint`` (a folder or ``latest``).
+
+    Register everything first (``register_for_checkpointing``, ``extrap_accel.prepare``).
+    With ``--restart_extrapolation`` the per-rank files are left out and every rank restarts its
+    local extrapolation state from the loaded anchor (``optimizer.reset_local_state``): the way
+    to resume with another number of processes. Returns the folder loaded, or None.
     """
     spec = args.resume_from_checkpoint
     if not spec:
@@ -964,24 +1062,41 @@ def resume(accelerator, args: TrainingArguments, state: TrainState) -> str | Non
     path = find_latest_checkpoint(args.output_dir) if spec == "latest" else spec
     if path is None:
         raise ConfigError(
-            f"--resume_from_checkpoint latest: no complete checkpoint-<step> directory in "
-            f"{args.output_dir}"
+            f"--resume_from_checkpoint latest: no complete checkpoint-<step> "
+            f"directory in {args.output_dir}"
         )
     if not os.path.isdir(path):
         raise ConfigError(f"--resume_from_checkpoint {spec}: {path} is not a directory")
-    check_checkpoint(accelerator, path)
+    check_checkpoint(accelerator, path, restart=args.restart_extrapolation)
     import pickle
 
     from safetensors import SafetensorError
 
+    source = _without_rank_files(path) if args.restart_extrapolation else path
     try:
-        accelerator.load_state(path)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
-            SafetensorError) as e:  # fmt: skip
+        with warnings.catch_warnings():
+            if args.restart_extrapolation:  # (the library's "saved without" warning)
+                warnings.filterwarnings("ignore", message="extrap_accel:")
+            accelerator.load_state(source)
+    except (
+        OSError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        pickle.UnpicklingError,
+        SafetensorError,
+    ) as e:
         raise ConfigError(
-            f"could not load {path} ({type(e).__name__}: {e}); the checkpoint is damaged: "
-            "resume from an earlier checkpoint-<step>"
+            f"could not load {path} ({type(e).__name__}: {e}); the checkpoint is "
+            "damaged: resume from an earlier checkpoint-<step>"
         ) from e
+    finally:
+        if source != path:
+            shutil.rmtree(source, ignore_errors=True)
+    base = _base_optimizer(optimizer) if optimizer is not None else None
+    if args.restart_extrapolation and isinstance(base, extrap_accel.ExtrapOptimizer):
+        base.reset_local_state(warn=False)
+        accelerator.print("restarted every rank's local extrapolation state from the anchor")
     accelerator.print(f"resumed from {path} at step {state.step}")
     return path
 
@@ -989,27 +1104,155 @@ def resume(accelerator, args: TrainingArguments, state: TrainState) -> str | Non
 # ============================================================================ logging
 
 
-def start_run(accelerator, args: TrainingArguments, model, optimizer, state: TrainState,
-              project: str):
-    """Once everything is registered for checkpointing: the smoothness meter, the resume (which
-    moves ``state.step``), post-local SGD from that step, and the logger. Returns
-    ``(meter, post_local, logger)``."""
-    meter = smoothness_meter(accelerator, args, optimizer)
-    _broadcast_buffers_before_training_forwards(accelerator, model)
-    baseline = _baseline_rank_state(accelerator, model, optimizer, args)
-    path = resume(accelerator, args, state)
-    if path is not None and baseline is not None:
-        baseline(path)
-    post_local = enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
-    logger = MetricsLogger(accelerator, args, project, state.step)
-    return meter, post_local, logger
+def wandb_mode(environ: Mapping[str, str] | None = None, home: str | None = None) -> str:
+    """'online' when W&B has a key (WANDB_API_KEY, a netrc entry for the W&B host, or an api_key
+    in W&B's settings file), else 'offline'; an explicit WANDB_MODE wins. A pure function of
+    the environment and the files under ``home``."""
+    env = os.environ if environ is None else environ
+    home = home or env.get("HOME") or os.path.expanduser("~")
+    if env.get("WANDB_MODE"):
+        return env["WANDB_MODE"]
+    if env.get("WANDB_API_KEY"):
+        return "online"
+    host = urlsplit(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    files = (
+        [env["NETRC"]]
+        if env.get("NETRC")
+        else [os.path.join(home, n) for n in (".netrc", "_netrc")]
+    )
+    for file in files:
+        try:
+            if netrc.netrc(os.path.expanduser(file)).authenticators(host):
+                return "online"
+        except (OSError, netrc.NetrcParseError):
+            pass
+    settings = configparser.ConfigParser()
+    config_dir = env.get("WANDB_CONFIG_DIR") or os.path.join(home, ".config", "wandb")
+    try:
+        settings.read(os.path.join(config_dir, "settings"))
+    except configparser.Error:
+        return "offline"
+    return "online" if settings.get("default", "api_key", fallback=None) else "offline"
+
+
+def init_trackers(accelerator, args: RecipeArguments, state: TrainState, project: str) -> None:
+    """``accelerator.init_trackers`` with the run name and the config; a resumed run continues
+    the same W&B run (its id is in the checkpoint: ``resume="allow"``) and TensorBoard writes to
+    the same folder. The project is --tracker_project_name, else $WANDB_PROJECT, else
+    ``project``. W&B is online with a key (``wandb_mode``), offline otherwise."""
+    if trackers(args) is None:
+        return
+    project = args.tracker_project_name or os.environ.get("WANDB_PROJECT") or project
+    name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
+    init_kwargs: dict[str, dict[str, Any]] = {}
+    if "wandb" in args.report_to:
+        mode = wandb_mode()
+        accelerator.print(
+            f"W&B {mode}"
+            + (
+                ""
+                if mode == "online"
+                else " (no API key: `wandb "
+                "login` or WANDB_API_KEY to go online; `wandb sync` later)"
+            )
+        )
+        init_kwargs["wandb"] = {
+            "name": name,
+            "dir": args.output_dir,
+            "mode": mode,
+            "id": state.trackers.get("wandb_id"),
+            "resume": "allow",
+        }
+    if "tensorboard" in args.report_to:
+        accelerator.project_configuration.logging_dir = state.trackers.get(
+            "tensorboard_dir", os.path.join(args.output_dir, "runs")
+        )
+    os.makedirs(args.output_dir, exist_ok=True)
+    config = {
+        k: (",".join(map(str, v)) if isinstance(v, list) else v)
+        for k, v in dataclasses.asdict(args).items()
+    }
+    accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+    if "wandb" in args.report_to and accelerator.is_main_process:
+        state.trackers["wandb_id"] = accelerator.get_tracker("wandb", unwrap=True).id
+    if "tensorboard" in args.report_to:
+        state.trackers["tensorboard_dir"] = accelerator.project_configuration.logging_dir
+
+
+class MetricsLogger:
+    """Metrics to the trackers (``accelerator.log``) and to output_dir/metrics.jsonl (main
+    process). A resumed run keeps the records up to its step and continues the file."""
+
+    def __init__(self, accelerator, args: RecipeArguments, resumed_step: int = 0):
+        self.accelerator = accelerator
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.history: list[dict[str, Any]] = []
+        if accelerator.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+            if resumed_step and os.path.exists(self.path):
+                with open(self.path) as f:
+                    self.history = [r for r in map(json.loads, f) if r["step"] <= resumed_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+            import yaml
+
+            with open(os.path.join(args.output_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(dataclasses.asdict(args), f, sort_keys=False)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.accelerator.log(metrics, step=step)
+        record = {"step": step, **metrics}
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def latest(self, prefix: str = "") -> dict[str, float]:
+        """The last logged value of every metric whose name starts with ``prefix``."""
+        return {
+            k: v for r in self.history for k, v in r.items() if k.startswith(prefix) and k != "step"
+        }
+
+
+def write_results(
+    accelerator, output_dir: str, results: dict[str, Any], history: list[dict[str, Any]]
+) -> None:
+    """results.json and curves.png (main process)."""
+    if accelerator.is_main_process:
+        with open(os.path.join(output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        plot_curves(history, os.path.join(output_dir, "curves.png"))
+
+
+def push_to_hub(accelerator, args: RecipeArguments, folder: str) -> str | None:
+    """Upload ``folder`` (the final model: the anchor) to ``--hub_model_id`` (default: the
+    output_dir's name) when ``--push_to_hub``; main process. Returns the repository id."""
+    if not args.push_to_hub:
+        return None
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    if accelerator.is_main_process:
+        import huggingface_hub
+
+        huggingface_hub.create_repo(repo_id, exist_ok=True)
+        huggingface_hub.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            ignore_patterns=["checkpoint-*", "wandb/*", "runs/*"],
+            commit_message="extrap_accel recipe: final model (anchor)",
+        )
+    accelerator.wait_for_everyone()
+    return repo_id
 
 
 def progress_bar(accelerator, total: int, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not accelerator.is_local_main_process,
-                dynamic_ncols=True)  # fmt: skip
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
 
 
 def is_due(step: int, every: int, max_steps: int) -> bool:
@@ -1017,8 +1260,13 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
     return (every > 0 and step % every == 0) or step == max_steps
 
 
-def train_metrics(accelerator, loss: torch.Tensor, optimizer,
-                  meter: SmoothnessMeter | None = None, post_local=None) -> dict[str, float]:  # fmt: skip
+def train_metrics(
+    accelerator,
+    loss: torch.Tensor,
+    optimizer,
+    meter: SmoothnessMeter | None = None,
+    post_local=None,
+) -> dict[str, float]:
     """This step's loss and smoothness averaged over the ranks (one all-reduce), the rate, and
     with post-local SGD ``local_sgd``: 1 once the steps are local (phase 2), else 0."""
     values = [loss.detach().float().reshape(())]
@@ -1031,78 +1279,6 @@ def train_metrics(accelerator, loss: torch.Tensor, optimizer,
     if post_local is not None:
         metrics["local_sgd"] = float(post_local.local)
     return metrics
-
-
-class MetricsLogger:
-    """Metrics to the trackers (``accelerator.log``), to output_dir/metrics.jsonl, and at the end
-    to output_dir/curves.png. Files are written by the main process only."""
-
-    def __init__(self, accelerator, args: TrainingArguments, project_name: str,
-                 resumed_step: int = 0):  # fmt: skip
-        self.accelerator = accelerator
-        self.output_dir = args.output_dir
-        self.path = os.path.join(args.output_dir, "metrics.jsonl")
-        self.history: list[dict[str, Any]] = []
-        init_kwargs = {"wandb": {"dir": args.output_dir, "name": args.run_name}}
-        accelerator.init_trackers(project_name, config=_flat(config_to_dict(args)),
-                                  init_kwargs=init_kwargs)  # fmt: skip
-        self._start(resumed_step, config_to_dict(args))
-
-    def _start(self, resumed_step: int, config: dict[str, Any]) -> None:
-        @self.accelerator.on_main_process
-        def start():
-            os.makedirs(self.output_dir, exist_ok=True)
-            kept = []
-            if resumed_step and os.path.exists(self.path):  # the curve so far, up to the resume
-                with open(self.path) as f:
-                    kept = [r for r in map(json.loads, f) if r["step"] <= resumed_step]
-            self.history = kept
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            import yaml
-
-            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(config, f, sort_keys=False)
-
-        start()
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.accelerator.log(metrics, step=step)
-        record = {"step": step, **metrics}
-        self.history.append(record)
-        self._append(record)
-
-    def _append(self, record):
-        @self.accelerator.on_main_process
-        def append():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-        append()
-
-    def latest(self, prefix: str = "") -> dict[str, float]:
-        """The last logged value of every metric whose name starts with ``prefix``."""
-        return {k: v for r in self.history for k, v in r.items() if k.startswith(prefix)
-                and k != "step"}  # fmt: skip
-
-    def finish(self, model, results: dict[str, Any]) -> None:
-        """Save ``model`` (the anchor: attached by extrap_accel.prepare) to output_dir, end the
-        trackers, and write results.json and curves.png."""
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_model(model, self.output_dir)
-        self.accelerator.end_training()
-
-        @self.accelerator.on_main_process
-        def write():
-            with open(os.path.join(self.output_dir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2)
-            plot_curves(self.history, os.path.join(self.output_dir, "curves.png"))
-
-        write()
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in config.items()}
 
 
 def plot_curves(history: list[dict[str, Any]], path: str) -> None:
@@ -1126,7 +1302,7 @@ def plot_curves(history: list[dict[str, Any]], path: str) -> None:
         log_scale = re.search(r"loss|perplexity|lr|smoothness", key)
         if log_scale and all(v > 0 for _, v in points):
             ax.set_yscale("log")
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -1137,9 +1313,8 @@ class SmoothnessMeter:
     """The paper's smoothness diagnostic on this rank: L̂_t = ‖g_t − g_{t−1}‖ / ‖x̃_t − x̃_{t−1}‖.
 
     g is this rank's local gradient (``optimizer.local_grad(p)`` of an extrap_accel optimizer,
-    ``.grad`` of a baseline — the averaged one under data parallelism) and x̃ the point the
-    gradient was taken at (the parameters during training). Call ``update()`` after backward and
-    before clipping and ``step()``; ``value`` is None until two steps were seen.
+    ``.grad`` of a baseline) and x̃ the point it was taken at. Call ``update()`` after the
+    backward of an optimizer step, before clipping; ``value`` is None until two steps were seen.
     """
 
     def __init__(self, optimizer, accelerator=None):
@@ -1171,7 +1346,7 @@ class SmoothnessMeter:
         self._prev = (state["grad"].to(device), state["point"].to(device)) if state else None
 
 
-def smoothness_meter(accelerator, args: TrainingArguments, optimizer) -> SmoothnessMeter | None:
+def smoothness_meter(accelerator, args: RecipeArguments, optimizer) -> SmoothnessMeter | None:
     """A SmoothnessMeter when ``--log_smoothness``, checkpointed per rank (call before resume)."""
     if not args.log_smoothness:
         return None

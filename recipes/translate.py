@@ -4,22 +4,25 @@ Offline default (a few hundred short en–de pairs written for this recipe, reci
 no download; `translate_quick.yaml` is the same settings written out)::
 
     ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/translate.py
-    ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/translate.py --optimizer adamw
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml recipes/translate.py --optim adamw
     accelerate launch recipes/translate.py
     OMP_NUM_THREADS=1 python recipes/translate.py --report_to wandb   # W&B offline without a key
     accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml recipes/translate.py
 
 Multi30k (from the Hub, or a local directory of the same files)::
 
-    accelerate launch --num_processes 8 recipes/translate.py --config recipes/configs/translate_multi30k.yaml
-    accelerate launch recipes/translate.py --config recipes/configs/translate_multi30k.yaml --dataset /data/multi30k
+    accelerate launch --num_processes 8 recipes/translate.py --config recipes/configs/translate_multi30k.yaml   # one machine, 8 GPUs
+    accelerate launch recipes/translate.py --config recipes/configs/translate_multi30k.yaml --dataset_name /data/multi30k
 
-Options shared with the other recipes: ``--optimizer`` (any of extrap_accel.list_optimizers();
+Options shared with the other recipes: ``--optim`` (any of extrap_accel.list_optimizers();
 ``adamw`` is the baseline), ``--post_local_from STEP --local_period H`` (multi-process only),
 ``--extrap_until STEP``, ``--log_smoothness``, ``--save_steps N``,
-``--resume_from_checkpoint latest``, ``--report_to wandb``; ``--help`` lists every option.
+``--resume_from_checkpoint latest``, ``--report_to wandb``, ``--gradient_accumulation_steps N``,
+``--save_total_limit N``, ``--push_to_hub --hub_model_id USER/NAME``, ``--restart_extrapolation``;
+``--help`` lists every option. Outputs: a transformers model folder (the anchor) that
+``AutoModelForSeq2SeqLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
 
-Data: ``--dataset default``, ``bentrevett/multi30k``, or a local directory of files (jsonl,
+Data: ``--dataset_name default``, ``bentrevett/multi30k``, or a local directory of files (jsonl,
 csv, parquet, ...) with columns ``en`` and ``de`` and splits ``train`` and ``test``
 (``validation`` optional), as bentrevett/multi30k on the Hub.
 
@@ -39,7 +42,6 @@ trained model must beat. Batches are counted in sentence pairs.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -48,11 +50,13 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import common
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 
-import common
 import extrap_accel
 
 SCHEMA = (
@@ -64,40 +68,54 @@ PAD, UNK, EOS = "<pad>", "<unk>", "</s>"  # ids 0, 1, 2; the decoder starts from
 
 
 @dataclass
-class TranslateArguments(common.TrainingArguments):
+class TranslateArguments(common.RecipeArguments):
     """Defaults: the offline quick run (embedded pairs, about 2 minutes on 2 CPU cores)."""
 
-    output_dir: str = "outputs/translate"
-    source_lang: str = "en"
-    target_lang: str = "de"
-    vocab_size: int = 2000  # BPE merges stop earlier on a small corpus
-    max_length: int = 64  # tokens per sentence, </s> included; longer ones are truncated
-    d_model: int = 128
-    layers: int = 2  # encoder layers = decoder layers
-    attention_heads: int = 4
-    ffn_dim: int = 256
-    dropout: float = 0.1
-    label_smoothing: float = 0.1
-    num_beams: int = 1  # 1: greedy decoding
-    num_train_epochs: float = 30.0
-    per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = 50
-    optimizer: str = "extrap_adam"
-    learning_rate: float = 2e-3
-    base_batch_size: int = 64
-    lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
-    adam_beta2: float = 0.98
-    adam_epsilon: float = 1e-9
-    weight_decay: float = 0.0
-    lr_schedule: Literal["step", "constant", "inverse_sqrt"] = "inverse_sqrt"
-    warmup_epochs: float = 4.0
-    logging_steps: int = 10
-    eval_steps: int = 60
+    output_dir: str = common.default("output_dir", "outputs/translate")
+    source_lang: str = common.arg("en", "source column / language")
+    target_lang: str = common.arg("de", "target column / language")
+    vocab_size: int = common.arg(
+        2000, "BPE vocabulary size (merges stop earlier on a small corpus)"
+    )
+    max_length: int = common.arg(
+        64,
+        "tokens per sentence, </s> included (longer ones are truncated); also the generation limit",
+    )
+    d_model: int = common.arg(128, "Transformer width")
+    layers: int = common.arg(2, "encoder layers = decoder layers")
+    attention_heads: int = common.arg(4, "attention heads")
+    ffn_dim: int = common.arg(256, "feed-forward width")
+    dropout: float = common.arg(0.1, "dropout")
+    label_smoothing: float = common.arg(0.1, "label smoothing of the training loss")
+    num_beams: int = common.arg(1, "beam search width (1: greedy decoding)")
+    num_train_epochs: float = common.default("num_train_epochs", 30.0)
+    per_device_train_batch_size: int = common.default("per_device_train_batch_size", 32)
+    per_device_eval_batch_size: int = common.default("per_device_eval_batch_size", 50)
+    optim: str = common.default("optim", "extrap_adam")
+    learning_rate: float = common.default("learning_rate", 2e-3)
+    base_batch_size: int = common.default("base_batch_size", 64)
+    lr_scaling: Literal["linear", "sqrt", "none"] = common.default("lr_scaling", "sqrt")
+    adam_beta2: float = common.default("adam_beta2", 0.98)
+    adam_epsilon: float = common.default("adam_epsilon", 1e-9)
+    weight_decay: float = common.default("weight_decay", 0.0)
+    lr_scheduler_type: Literal["step", "constant", "inverse_sqrt"] = common.default(
+        "lr_scheduler_type", "inverse_sqrt"
+    )
+    warmup_epochs: float = common.default("warmup_epochs", 4.0)
+    logging_steps: int = common.default("logging_steps", 10)
+    eval_steps: int = common.default("eval_steps", 60)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("vocab_size", "max_length", "d_model", "layers", "attention_heads",
-                     "ffn_dim", "num_beams"):  # fmt: skip
+        for name in (
+            "vocab_size",
+            "max_length",
+            "d_model",
+            "layers",
+            "attention_heads",
+            "ffn_dim",
+            "num_beams",
+        ):
             if getattr(self, name) <= 0:
                 raise common.ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.d_model % self.attention_heads:
@@ -128,8 +146,14 @@ def _columns(rows, name: str, split: str, columns: list[str], src: str, tgt: str
             f"{name!r} split {split!r} has columns {columns}, missing {missing}; expected {SCHEMA}"
         )
     sources, targets = list(rows[src]), list(rows[tgt])
-    bad = next((i for i, (s, t) in enumerate(zip(sources, targets))
-                if not isinstance(s, str) or not isinstance(t, str)), None)  # fmt: skip
+    bad = next(
+        (
+            i
+            for i, (s, t) in enumerate(zip(sources, targets))
+            if not isinstance(s, str) or not isinstance(t, str)
+        ),
+        None,
+    )
     if bad is not None:
         raise common.DataError(
             f"{name!r} split {split!r} row {bad}: {src!r} and {tgt!r} must hold strings, got "
@@ -141,7 +165,7 @@ def _columns(rows, name: str, split: str, columns: list[str], src: str, tgt: str
 def get_pairs(args: TranslateArguments) -> dict[str, tuple[list[str], list[str]]]:
     """{'train', 'test'[, 'validation']} → (source sentences, target sentences)."""
     src, tgt = args.source_lang, args.target_lang
-    if args.dataset == "default":
+    if args.dataset_name == "default":
         out = {}
         for split in ("train", "validation", "test"):
             path = os.path.join(EMBEDDED, f"{split}.jsonl")
@@ -155,18 +179,24 @@ def get_pairs(args: TranslateArguments) -> dict[str, tuple[list[str], list[str]]
             table = {c: [r.get(c) for r in rows] for c in columns}
             out[split] = _columns(table, "default", split, columns, src, tgt)
     else:
-        ds = common.load_dataset_dict(args.dataset, args.dataset_config, schema=SCHEMA,
-                                      splits=("train", "test"))  # fmt: skip
+        ds = common.load_dataset_dict(
+            args.dataset_name, args.dataset_config_name, schema=SCHEMA, splits=("train", "test")
+        )
         if "validation" not in ds:
             for alias in ("valid", "val", "dev"):
                 if alias in ds:
                     ds["validation"] = ds.pop(alias)
-        out = {split: _columns(ds[split], args.dataset, split, ds[split].column_names, src, tgt)
-               for split in ("train", "validation", "test") if split in ds}  # fmt: skip
+        out = {
+            split: _columns(ds[split], args.dataset_name, split, ds[split].column_names, src, tgt)
+            for split in ("train", "validation", "test")
+            if split in ds
+        }
     if not out["train"][0]:
-        raise common.DataError(f"{args.dataset!r}: the training split is empty; expected {SCHEMA}")
+        raise common.DataError(
+            f"{args.dataset_name!r}: the training split is empty; expected {SCHEMA}"
+        )
     if not out["test"][0]:
-        raise common.DataError(f"{args.dataset!r}: the test split is empty; expected {SCHEMA}")
+        raise common.DataError(f"{args.dataset_name!r}: the test split is empty; expected {SCHEMA}")
     return out
 
 
@@ -243,8 +273,9 @@ def collate(batch, pad_id: int = 0) -> dict[str, torch.Tensor]:
     input_ids = _pad(sources, pad_id)
     labels = _pad(targets, -100)
     shifted = labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad_id)
-    decoder_input_ids = torch.cat([torch.full((len(batch), 1), pad_id, dtype=torch.long),
-                                   shifted], dim=1)  # fmt: skip
+    decoder_input_ids = torch.cat(
+        [torch.full((len(batch), 1), pad_id, dtype=torch.long), shifted], dim=1
+    )
     return {
         "index": torch.tensor(index, dtype=torch.long),
         "input_ids": input_ids,
@@ -261,12 +292,20 @@ def get_dataloaders(args: TranslateArguments, tokenizer, pairs):
     def loader(split, batch_size, train):
         sources, targets = pairs[split]
         dataset = PairDataset(encode(tokenizer, sources), encode(tokenizer, targets))
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
-                          collate_fn=functools.partial(collate, pad_id=pad_id))  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            collate_fn=functools.partial(collate, pad_id=pad_id),
+        )
 
     train = loader("train", args.per_device_train_batch_size, True)
-    evals = {s: loader(s, args.per_device_eval_batch_size, False)
-             for s in ("validation", "test") if s in pairs}  # fmt: skip
+    evals = {
+        s: loader(s, args.per_device_eval_batch_size, False)
+        for s in ("validation", "test")
+        if s in pairs
+    }
     return train, evals
 
 
@@ -308,23 +347,30 @@ def generation_config(args: TranslateArguments, tokenizer):
     from transformers import GenerationConfig
 
     pad_id, eos_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(EOS)
-    return GenerationConfig(max_new_tokens=args.max_length, num_beams=args.num_beams,
-                            do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,
-                            decoder_start_token_id=pad_id)  # fmt: skip
+    return GenerationConfig(
+        max_new_tokens=args.max_length,
+        num_beams=args.num_beams,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        decoder_start_token_id=pad_id,
+    )
 
 
 def smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Label-smoothed cross-entropy, averaged over the (non-padding) target tokens."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           label_smoothing=smoothing)  # fmt: skip
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=smoothing
+    )
 
 
 # ---------------------------------------------------------------------------- training
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, optimizer, loader, tokenizer, gen_config, references,
-             prefix: str) -> tuple[dict[str, float], list[str]]:  # fmt: skip
+def evaluate(
+    accelerator, model, optimizer, loader, tokenizer, gen_config, references, prefix: str
+) -> tuple[dict[str, float], list[str]]:
     """BLEU of the translations of this split and the per-token loss (no smoothing), both at the
     anchor (``optimizer.eval()`` puts it into the weights for the whole of generation)."""
     optimizer.eval()
@@ -334,17 +380,26 @@ def evaluate(accelerator, model, optimizer, loader, tokenizer, gen_config, refer
     found: dict[int, list[int]] = {}
     nll_sum = tokens = 0.0
     for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=batch["decoder_input_ids"]).logits  # fmt: skip
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=batch["decoder_input_ids"],
+        ).logits
         labels = batch["labels"]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                              reduction="none").view(labels.shape).sum(1)  # fmt: skip
+        nll = (
+            F.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
+            )
+            .view(labels.shape)
+            .sum(1)
+        )
         count = (labels != -100).sum(1)
-        # at most 2·source + 10 tokens (up to max_length): an untrained model stops too
-        config = copy.deepcopy(gen_config)
-        config.max_new_tokens = min(config.max_new_tokens, 2 * batch["input_ids"].shape[1] + 10)
-        out = net.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           generation_config=config)  # fmt: skip
+        # the saved generation_config.json: from_pretrained reproduces these translations
+        out = net.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            generation_config=gen_config,
+        )
         out = accelerator.pad_across_processes(out, dim=1, pad_index=pad_id)
         index, out, nll, count = accelerator.gather_for_metrics((batch["index"], out, nll, count))
         nll_sum += float(nll.sum())
@@ -354,13 +409,63 @@ def evaluate(accelerator, model, optimizer, loader, tokenizer, gen_config, refer
     optimizer.train()
     model.train()
     hypotheses = decode(tokenizer, [found[i] for i in range(len(found))])
-    metrics = {f"{prefix}_bleu": corpus_bleu(hypotheses, references),
-               f"{prefix}_loss": nll_sum / max(tokens, 1.0)}  # fmt: skip
+    metrics = {
+        f"{prefix}_bleu": corpus_bleu(hypotheses, references),
+        f"{prefix}_loss": nll_sum / max(tokens, 1.0),
+    }
     return metrics, hypotheses
 
 
+def pretrained_tokenizer(tokenizer, max_length: int):
+    """The ``tokenizers`` BPE as a ``transformers`` fast tokenizer (what AutoTokenizer loads)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        unk_token=UNK,
+        eos_token=EOS,
+        model_max_length=max_length,
+    )
+
+
+def save_pretrained(accelerator, model, tokenizer, gen_config, args, output_dir: str) -> None:
+    """A transformers model folder of the anchor (``accelerator.get_state_dict``: the model is
+    attached by extrap_accel.prepare): config.json, generation_config.json, model.safetensors
+    and the tokenizer, so that::
+
+        model = AutoModelForSeq2SeqLM.from_pretrained(output_dir)
+        tokenizer = AutoTokenizer.from_pretrained(output_dir)
+        batch = tokenizer(sentences, return_tensors="pt", padding=True)
+        translations = tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True)
+    """
+    state_dict = accelerator.get_state_dict(model)
+    net = accelerator.unwrap_model(model)
+    net.generation_config = gen_config
+    net.save_pretrained(
+        output_dir,
+        state_dict=state_dict,
+        save_function=accelerator.save,
+        is_main_process=accelerator.is_main_process,
+    )
+    if accelerator.is_main_process:
+        pretrained_tokenizer(tokenizer, args.max_length).save_pretrained(output_dir)
+
+
 def training_function(args: TranslateArguments) -> dict[str, float]:
-    accelerator = common.make_accelerator(args)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=common.trackers(args),  # --report_to
+        project_dir=args.output_dir,
+        # a seeded sampler: the same data order after a resume
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        deepspeed_plugin=common.deepspeed_plugin(args),  # gradient_clipping = --max_grad_norm
+        kwargs_handlers=common.process_group_kwargs(),  # gloo for DeepSpeed on CPU
+    )
+    common.check_launch(accelerator, args)
+    set_seed(args.seed)  # the same initial model on every rank
+
+    # ---- data and tokenizer (every rank trains the same one)
     with accelerator.main_process_first():  # the main process downloads, the others read the cache
         pairs = get_pairs(args)
     train_src, train_tgt = pairs["train"]
@@ -369,6 +474,7 @@ def training_function(args: TranslateArguments) -> dict[str, float]:
     eval_split = "validation" if "validation" in eval_dls else "test"
     gen_config = generation_config(args, tokenizer)
 
+    # ---- model and optimizer
     model = build_model(args, tokenizer)
     groups = common.param_groups_weight_decay(model, args.weight_decay)  # none on norms, biases
     optimizer = common.create_optimizer(args, groups, extrap_max_norm=args.max_grad_norm)
@@ -377,102 +483,157 @@ def training_function(args: TranslateArguments) -> dict[str, float]:
     )
     eval_dls = dict(zip(eval_dls, prepared))
     optimizer = common.wrap_lars(args, optimizer)
+    fresh = common.uses_closure(optimizer)  # extrap_sgd_fresh: step(closure)
 
-    world = accelerator.num_processes
-    global_batch = args.per_device_train_batch_size * world
-    steps_per_epoch = len(train_dl)
+    world, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
+    steps_per_epoch = len(train_dl) // accumulation  # optimizer steps
     max_steps, lr_at = common.plan_steps(
-        args, steps_per_epoch, world,
+        args,
+        steps_per_epoch,
+        world,
         too_small=f"{len(train_src)} training pairs are fewer than one global batch "
-        f"({global_batch})",
-    )  # fmt: skip
+        f"({common.global_batch(args, world)})",
+    )
 
+    # ---- checkpointed state, then resume (after everything is registered), then logging
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
-    meter, post_local, logger = common.start_run(accelerator, args, model, optimizer, state,
-                                                 "extrap_accel_translate")  # fmt: skip
-    accelerator.on_main_process(tokenizer.save)(os.path.join(args.output_dir, "tokenizer.json"))
+    meter = common.smoothness_meter(accelerator, args, optimizer)  # --log_smoothness
+    restore_baseline = common.baseline_rank_state(accelerator, model, optimizer, args)
+    resumed_from = common.resume(accelerator, args, state, optimizer)
+    if resumed_from and restore_baseline:
+        restore_baseline(resumed_from)
+    post_local = common.enable_post_local_sgd(accelerator, model, optimizer, args, state.step)
+    common.init_trackers(accelerator, args, state, "extrap_accel_translate")
+    logger = common.MetricsLogger(accelerator, args, state.step)
     n_params = sum(p.numel() for p in model.parameters())
     warmup = common.resolve_warmup_steps(args, steps_per_epoch)
     accelerator.print(
         f"Transformer {args.layers}+{args.layers} layers, d_model {args.d_model} "
-        f"({n_params / 1e6:.2f}M parameters) on {args.dataset} {args.source_lang}->"
+        f"({n_params / 1e6:.2f}M parameters) on {args.dataset_name} {args.source_lang}->"
         f"{args.target_lang}: {len(train_src)} training pairs, BPE vocabulary "
-        f"{tokenizer.get_vocab_size()}; K={world}, global batch {global_batch}, inverse-sqrt lr "
-        f"peak {lr_at.keywords['peak_lr']:g} after {warmup} warmup steps, {max_steps} steps "
-        f"({steps_per_epoch}/epoch), optimizer {args.optimizer}"
+        f"{tokenizer.get_vocab_size()}; K={world}, global batch "
+        f"{common.global_batch(args, world)}, inverse-sqrt lr peak "
+        f"{lr_at.keywords['peak_lr']:g} after {warmup} warmup steps, {max_steps} steps "
+        f"({steps_per_epoch}/epoch), optimizer {args.optim}"
     )
 
-    def clip():  # the averaged gradient of the base update
-        if args.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-
     def run_eval(split, prefix):  # prefix of the metric names: "eval" during training
-        return evaluate(accelerator, model, optimizer, eval_dls[split], tokenizer, gen_config,
-                        pairs[split][1], prefix)  # fmt: skip
+        return evaluate(
+            accelerator,
+            model,
+            optimizer,
+            eval_dls[split],
+            tokenizer,
+            gen_config,
+            pairs[split][1],
+            prefix,
+        )
 
+    # ---- the loop: one optimizer step per `accumulation` micro-batches
     bar = common.progress_bar(accelerator, max_steps, state.step)
     model.train()
     start, metrics = time.perf_counter(), {}
     while state.step < max_steps:
         epoch, done = divmod(state.step, steps_per_epoch)
         train_dl.set_epoch(epoch)  # the seeded sampler: the same order after a resume
-        batches = accelerator.skip_first_batches(train_dl, done) if done else train_dl
-        for batch in batches:
-            common.set_lr(optimizer, lr_at(state.step))
-            common.apply_extrap_until(optimizer, args, state.step)
-            # Dropout draws from the global generator, which data loaders also draw from when
-            # they start an epoch: reseeding it from (seed, step, rank) makes a resumed run exact.
-            rank = accelerator.process_index
-            dropout_seed = common.step_generator(args.seed, state.step, rank).initial_seed()
+        skip = done * accumulation  # micro-batches already seen this epoch (a resume)
+        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        step_loss = 0.0
+        for micro, batch in enumerate(batches, start=skip):
+            if micro >= steps_per_epoch * accumulation:
+                break  # (a last incomplete accumulation is dropped)
+            with accelerator.accumulate(model):
+                common.set_lr(optimizer, lr_at(state.step))
+                common.apply_extrap_until(optimizer, args, state.step)
+                # Dropout draws from the global generator, which data loaders also draw from
+                # when they start an epoch: reseeding it from (seed, micro-step, rank) makes a
+                # resumed run exact.
+                dropout_seed = common.step_generator(
+                    args.seed,
+                    state.step * accumulation + micro % accumulation,
+                    accelerator.process_index,
+                ).initial_seed()
 
-            def forward_backward(batch=batch, dropout_seed=dropout_seed):
-                torch.manual_seed(dropout_seed)  # the same masks for both passes of a closure
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"],
-                               decoder_input_ids=batch["decoder_input_ids"]).logits  # fmt: skip
-                loss = smoothed_loss(logits, batch["labels"], args.label_smoothing)
-                accelerator.backward(loss)
-                return loss.detach()
+                def forward_backward(batch=batch, dropout_seed=dropout_seed):
+                    torch.manual_seed(dropout_seed)  # the same masks for both passes of fresh
+                    logits = model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        decoder_input_ids=batch["decoder_input_ids"],
+                    ).logits
+                    loss = smoothed_loss(logits, batch["labels"], args.label_smoothing)
+                    accelerator.backward(loss)
+                    return loss.detach()
 
-            loss = common.train_step(optimizer, forward_backward, clip=clip, meter=meter)
+                def clip():  # the averaged gradient of the base update
+                    if accelerator.sync_gradients and args.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+
+                if fresh:  # forward/backward at the anchor, then again at x̃ (one process)
+
+                    def closure():
+                        optimizer.zero_grad()
+                        closure.loss = forward_backward()
+                        clip()
+                        return closure.loss
+
+                    optimizer.step(closure)
+                    loss = closure.loss
+                else:
+                    loss = forward_backward()
+                    if meter is not None and accelerator.sync_gradients:
+                        meter.update()  # this rank's gradient at x̃, before clipping
+                    clip()
+                    optimizer.step()  # (skipped by accelerate until the last micro-step)
+                optimizer.zero_grad()
+                step_loss = step_loss + loss / accumulation
+            if not accelerator.sync_gradients:
+                continue
             state.step += 1
             bar.update(1)
             if post_local is not None and state.step >= max_steps:
                 post_local.finish()  # end on one model: average a last local step
 
             if common.is_due(state.step, args.logging_steps, max_steps):
-                metrics = common.train_metrics(accelerator, loss, optimizer, meter, post_local)
+                metrics = common.train_metrics(accelerator, step_loss, optimizer, meter, post_local)
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
                 logger.log(metrics, state.step)
+            step_loss = 0.0
             if common.is_due(state.step, args.eval_steps, max_steps):
                 scores, _ = run_eval(eval_split, "eval")
-                bar.set_postfix(loss=f"{metrics.get('train_loss', math.nan):.3f}",
-                                bleu=f"{scores['eval_bleu']:.1f}")  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{metrics.get('train_loss', math.nan):.3f}",
+                    bleu=f"{scores['eval_bleu']:.1f}",
+                )
                 logger.log(scores, state.step)
             if common.is_due(state.step, args.save_steps, max_steps):
-                common.save_checkpoint(accelerator, args, state.step)
+                common.save_checkpoint(accelerator, args, state.step, resumed_from)
             if state.step >= max_steps:
                 break
     bar.close()
 
+    # ---- outputs: test scores and translations at the anchor, the model folder; the Hub
     results = logger.latest("eval_")
     test_scores, hypotheses = run_eval("test", "test")
     test_src, test_ref = pairs["test"]
     results.update(test_scores)
     results["test_source_copy_bleu"] = source_copy_bleu(test_src, test_ref)
-    results.update(step=state.step, seconds=time.perf_counter() - start,
-                   train_loss=metrics.get("train_loss"))  # fmt: skip
-
-    @accelerator.on_main_process
-    def write_translations():
+    results.update(
+        step=state.step, seconds=time.perf_counter() - start, train_loss=metrics.get("train_loss")
+    )
+    accelerator.wait_for_everyone()
+    save_pretrained(accelerator, model, tokenizer, gen_config, args, args.output_dir)
+    if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "test_translations.jsonl"), "w") as f:
-            for s, r, h in zip(test_src, test_ref, hypotheses):
-                f.write(json.dumps({"source": s, "reference": r, "translation": h},
-                                   ensure_ascii=False) + "\n")  # fmt: skip
-
-    write_translations()
-    logger.finish(model, results)  # saves the anchor
+            f.writelines(
+                json.dumps({"source": s, "reference": r, "translation": h}, ensure_ascii=False)
+                + "\n"
+                for s, r, h in zip(test_src, test_ref, hypotheses)
+            )
+    common.write_results(accelerator, args.output_dir, results, logger.history)
+    common.push_to_hub(accelerator, args, args.output_dir)
+    accelerator.end_training()
     for s, h in list(zip(test_src, hypotheses))[:3]:
         accelerator.print(f"  {s}  ->  {h}")
     accelerator.print(

@@ -1,9 +1,9 @@
-"""Test oracle: a slow, line-by-line reference of /work/shared/ALGORITHMS.md.
+"""Test oracle: a slow, line-by-line reference of docs/algorithms.md.
 
 Used ONLY by the tests to check the fast implementation in ``extrap_accel``; it must stay
 obviously correct rather than fast.  K workers are simulated explicitly in one process, one
 parameter group, parameters given as a list of (float64) tensors.  Each line names the line
-of ALGORITHMS.md it implements.  Conventions:
+of docs/algorithms.md it implements.  Conventions:
 - ``points(k)`` is worker k's current extrapolated point x̃ᵏ_t (what its forward sees);
 - ``step(local_grads)`` takes local_grads[k] = gᵏ_t (list of tensors, evaluated at points(k));
 - lr / extrap_lr / extrap_scale (and extrap_momentum) are read at every step (schedules);
@@ -20,7 +20,7 @@ import torch
 
 
 def _clip_local(grads, max_norm):
-    """Local-gradient clipping (ALGORITHMS.md 'Clipping'), torch.nn.utils.clip_grad_norm_ rule."""
+    """Local-gradient clipping (docs/algorithms.md 'Clipping'), torch.nn.utils.clip_grad_norm_ rule."""
     if max_norm is None:
         return [g.clone() for g in grads]
     total_norm = torch.sqrt(sum((g * g).sum() for g in grads))  # total L2 norm over all params

@@ -67,7 +67,7 @@ CONFIGS = ["fp32", "ga", "bf16", "fp16", "multinode"]
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_local_extrapolation_matches_the_k_worker_oracle(config, request):
-    """Each rank's x̃ and the anchor follow ALGORITHMS.md with K = 2 (I4, I6, anchors equal)."""
+    """Each rank's x̃ and the anchor follow docs/algorithms.md with K = 2 (I4, I6, anchors equal)."""
     for rank, res in enumerate(request.getfixturevalue(config)):
         r = res["extrap"]
         assert res["world_size"] == 2

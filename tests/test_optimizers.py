@@ -3,7 +3,7 @@
 Modelled on torch's ``common_optimizers``: every registry entry is described once in ``SPECS``
 (the kwargs that build it, its error inputs with the expected message, what it needs), and the
 generic tests enumerate that table. The algorithm-specific tests below check the invariants of
-/work/shared/ALGORITHMS.md against the slow oracle in ``tests/reference.py``.
+docs/algorithms.md against the slow oracle in ``tests/reference.py``.
 """
 
 from __future__ import annotations

@@ -14,19 +14,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "recipes"))
 
-import common  # noqa: E402
-import language_model  # noqa: E402
-import translate  # noqa: E402
-import vision  # noqa: E402
+import common
+import language_model
+import translate
+import vision
 
-import extrap_accel  # noqa: E402
+import extrap_accel
 
-Args = common.TrainingArguments
+Args = common.RecipeArguments
 CONFIGS = os.path.join(REPO, "recipes", "configs")
 CONFIG_CLASSES = {
     "vision_quick.yaml": vision.VisionArguments,
@@ -37,6 +38,13 @@ CONFIG_CLASSES = {
     "translate_quick.yaml": translate.TranslateArguments,
     "translate_multi30k.yaml": translate.TranslateArguments,
 }
+
+
+def _records(output_dir) -> list[dict]:
+    import json
+
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def parse(argv, cls=Args):
@@ -55,7 +63,7 @@ def test_scale_lr_rules():
 
 
 def test_warmup_then_step_decay():
-    lr = lambda s: common.warmup_step_decay_lr(  # noqa: E731
+    lr = lambda s: common.warmup_step_decay_lr(
         s, peak_lr=1.6, total_steps=100, warmup_steps=10, warmup_init_lr=0.1
     )
     assert lr(0) == pytest.approx(0.1)
@@ -68,25 +76,43 @@ def test_warmup_then_step_decay():
 
 
 def test_inverse_sqrt():
-    lr = lambda s: common.inverse_sqrt_lr(s, peak_lr=1e-3, warmup_steps=100)  # noqa: E731
+    lr = lambda s: common.inverse_sqrt_lr(s, peak_lr=1e-3, warmup_steps=100)
     assert lr(0) == 0.0 and lr(50) == pytest.approx(5e-4)
     assert lr(100) == pytest.approx(1e-3)
     assert lr(400) == pytest.approx(5e-4)  # peak·√(100/400)
 
 
 def test_lr_schedule_from_args():
-    args = parse(["--learning_rate", "0.1", "--per_device_train_batch_size", "128",
-                  "--base_batch_size", "128", "--warmup_epochs", "5"])  # fmt: skip
+    args = parse(
+        [
+            "--learning_rate",
+            "0.1",
+            "--per_device_train_batch_size",
+            "128",
+            "--base_batch_size",
+            "128",
+            "--warmup_epochs",
+            "5",
+        ]
+    )
     lr = common.lr_schedule(args, num_processes=16, total_steps=3000, steps_per_epoch=10)
     # warmup from the one-worker (small-batch) rate to K·0.1 over 5 epochs, per iteration
     assert lr(0) == pytest.approx(0.1) and lr(50) == pytest.approx(1.6)
     assert lr(25) == pytest.approx(0.85)
     assert lr(1500) == pytest.approx(0.16) and lr(2250) == pytest.approx(0.016)
-    constant = common.lr_schedule(parse(["--lr_schedule", "constant"]), num_processes=2,
-                                  total_steps=10, steps_per_epoch=5)  # fmt: skip
+    constant = common.lr_schedule(
+        parse(["--lr_scheduler_type", "constant"]),
+        num_processes=2,
+        total_steps=10,
+        steps_per_epoch=5,
+    )
     assert constant(9) == pytest.approx(0.1 * 64 / 128)
-    inv = common.lr_schedule(parse(["--lr_schedule", "inverse_sqrt", "--warmup_steps", "4"]),
-                             num_processes=1, total_steps=100, steps_per_epoch=5)  # fmt: skip
+    inv = common.lr_schedule(
+        parse(["--lr_scheduler_type", "inverse_sqrt", "--warmup_steps", "4"]),
+        num_processes=1,
+        total_steps=100,
+        steps_per_epoch=5,
+    )
     assert inv(0) == 0.0 and inv(16) == pytest.approx(0.025 * 0.5)
 
 
@@ -95,15 +121,28 @@ def test_lr_schedule_from_args():
 
 def test_defaults_yaml_and_command_line_precedence(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("optimizer: sgd\nlearning_rate: 0.5\nlars: true\nextrap_until: 7\n")
-    args = parse(["--config", str(cfg), "--learning_rate", "0.2", "--lars", "false",
-                  "--lr_decay_milestones", "0.3", "0.6", "--max_grad_norm", "none"])  # fmt: skip
-    assert args.optimizer == "sgd"  # from the yaml
+    cfg.write_text("optim: sgd\nlearning_rate: 0.5\nlars: true\nextrap_until: 7\n")
+    args = parse(
+        [
+            "--config",
+            str(cfg),
+            "--learning_rate",
+            "0.2",
+            "--lars",
+            "false",
+            "--lr_decay_milestones",
+            "0.3",
+            "0.6",
+            "--max_grad_norm",
+            "none",
+        ]
+    )
+    assert args.optim == "sgd"  # from the yaml
     assert args.learning_rate == 0.2 and args.lars is False  # the command line wins
     assert args.extrap_until == 7 and args.lr_decay_milestones == [0.3, 0.6]
     assert args.max_grad_norm is None and args.momentum == 0.9  # a default
     assert parse(["--log_smoothness"]).log_smoothness is True  # a bare flag is true
-    assert parse(["--lr_decay_milestones", "0.25,0.5"]).lr_decay_milestones == [0.25, 0.5]
+    assert parse(["--lars"]).lars is True and parse(["--no_nesterov"]).nesterov is False
 
 
 @pytest.mark.parametrize(
@@ -113,16 +152,19 @@ def test_defaults_yaml_and_command_line_precedence(tmp_path):
         ("max_steps: ten\n", "max_steps must be int"),
         ("max_steps: 1.5\n", "max_steps must be int"),
         ("lars: maybe\n", "lars must be true or false"),
-        ("report_to: mlflow\n", "report_to must be one of none, wandb, tensorboard"),
+        ("report_to: mlflow\n", r"report_to \['mlflow'\]: choose none, all, or of wandb"),
         ("- a list\n", "must hold a mapping"),
-        ("optimizer: [unclosed\n", "not valid yaml"),
-        ("optimizer: lamb\n", "unknown optimizer 'lamb'; choose one of"),
+        ("optim: [unclosed\n", "not valid yaml"),
+        ("optim: lamb\n", "unknown optim 'lamb'; choose one of"),
+        ("save_total_limit: 0\n", "save_total_limit must be >= 1"),
+        ("gradient_accumulation_steps: 0\n", "gradient_accumulation_steps must be > 0"),
+        ("optim: extrap_sgd_fresh\ngradient_accumulation_steps: 2\n", "closure"),
         ("warmup_steps: 5\nwarmup_epochs: 1\n", "warmup_steps or warmup_epochs, not both"),
         ("lr_decay_milestones: [0.75, 0.5]\n", "increasing fractions"),
         ("local_period: 1\n", "local_period must be >= 2"),
-        ("optimizer: extrap_sgd_fresh\nlars: true\n", "cannot wrap extrap_sgd_fresh"),
-        ("optimizer: extrap_adam\nlars: true\n", "extrap_adam is Adam-type"),
-        ("optimizer: adamw\nlars: true\n", "adamw is Adam-type"),
+        ("optim: extrap_sgd_fresh\nlars: true\n", "cannot wrap extrap_sgd_fresh"),
+        ("optim: extrap_adam\nlars: true\n", "extrap_adam is Adam-type"),
+        ("optim: adamw\nlars: true\n", "adamw is Adam-type"),
     ],
 )
 def test_config_errors(tmp_path, yaml_text, message):
@@ -135,14 +177,16 @@ def test_config_errors(tmp_path, yaml_text, message):
 def test_command_line_errors(capsys):
     with pytest.raises(common.ConfigError, match="unrecognized arguments: --nope"):
         parse(["--nope", "1"])
-    with pytest.raises(common.ConfigError, match="per_device_train_batch_size must be int"):
+    with pytest.raises(common.ConfigError, match="did you mean --learning_rate"):
+        parse(["--learning_rat", "0.1"])
+    with pytest.raises(common.ConfigError, match="per_device_train_batch_size.*invalid int value"):
         parse(["--per_device_train_batch_size", "big"])
     with pytest.raises(common.ConfigError, match="does not exist"):
         parse(["--config", "/nonexistent.yaml"])
     with pytest.raises(SystemExit) as exit_info:  # what a user sees: a message, status 2
-        common.parse_args(Args, ["--optimizer", "lamb"])
+        common.parse_args(Args, ["--optim", "lamb"])
     assert exit_info.value.code == 2
-    assert "unknown optimizer 'lamb'" in capsys.readouterr().err
+    assert "unknown optim 'lamb'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_CLASSES))
@@ -181,7 +225,7 @@ def test_param_groups_weight_decay_skips_norms_and_biases():
 @pytest.mark.parametrize("name", extrap_accel.list_optimizers())
 def test_create_optimizer_for_every_registry_entry(name):
     info = extrap_accel.get_optimizer_info(name)
-    argv = ["--optimizer", name, "--weight_decay", "1e-4"]
+    argv = ["--optim", name, "--weight_decay", "1e-4"]
     if "noise_scale" in info.required:
         argv += ["--noise_scale", "1e-3"]
     args = parse(argv)
@@ -201,12 +245,13 @@ def test_create_optimizer_for_every_registry_entry(name):
 
 def test_create_optimizer_errors():
     with pytest.raises(common.ConfigError, match="needs noise_scale"):
-        common.create_optimizer(parse(["--optimizer", "extrap_sgd_gaussian"]), _model().parameters())
+        common.create_optimizer(parse(["--optim", "extrap_sgd_gaussian"]), _model().parameters())
     with pytest.raises(common.ConfigError, match="noise_scale applies to the noise variants"):
         common.create_optimizer(parse(["--noise_scale", "0.1"]), _model().parameters())
     with pytest.raises(common.ConfigError, match="sgd does not extrapolate"):
-        common.create_optimizer(parse(["--optimizer", "sgd", "--extrap_lr", "0.1"]),
-                                _model().parameters())  # fmt: skip
+        common.create_optimizer(
+            parse(["--optim", "sgd", "--extrap_lr", "0.1"]), _model().parameters()
+        )
 
 
 def _run_steps(optimizer, model, steps=4, disable_at=None):
@@ -225,7 +270,7 @@ def test_extrap_until_turns_extrapolation_off(name):
     """After extrap_until, x̃ = x and the step is the base optimizer's (footnote 9)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
-    argv = ["--optimizer", name] + (["--noise_scale", "0.01"] if "gaussian" in name else [])
+    argv = ["--optim", name] + (["--noise_scale", "0.01"] if "gaussian" in name else [])
     optimizer = common.create_optimizer(parse(argv), model.parameters())
     _run_steps(optimizer, model, steps=3, disable_at=1)
     for p, anchor in optimizer.displaced():
@@ -243,8 +288,9 @@ def test_smoothness_meter_on_a_quadratic():
     x = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     for name in ("sgd", "extrap_sgd"):
         x.data = torch.tensor([1.0, -2.0, 0.5])
-        optimizer = common.create_optimizer(parse(["--optimizer", name, "--learning_rate", "0.05"]),
-                                            [x])  # fmt: skip
+        optimizer = common.create_optimizer(
+            parse(["--optim", name, "--learning_rate", "0.05"]), [x]
+        )
         meter = common.SmoothnessMeter(optimizer)
         values = []
         for _ in range(4):
@@ -259,22 +305,127 @@ def test_smoothness_meter_on_a_quadratic():
         assert torch.equal(restored._prev[0], meter._prev[0])
 
 
-def test_train_step_passes_a_closure_to_fresh():
-    torch.manual_seed(0)
+def test_uses_closure_only_for_fresh():
     model = nn.Linear(3, 1)
-    optimizer = common.create_optimizer(parse(["--optimizer", "extrap_sgd_fresh"]),
-                                        model.parameters())  # fmt: skip
-    calls = []
+    fresh = common.create_optimizer(parse(["--optim", "extrap_sgd_fresh"]), model.parameters())
+    past = common.create_optimizer(parse(["--optim", "extrap_sgd"]), model.parameters())
+    assert common.uses_closure(fresh) and not common.uses_closure(past)
 
-    def forward_backward():
-        calls.append(1)
-        loss = model(torch.ones(2, 3)).square().mean()
-        loss.backward()
-        return loss.detach()
 
-    assert common.uses_closure(optimizer)
-    common.train_step(optimizer, forward_backward)
-    assert len(calls) == 2  # at the anchor and at x̃
+# ---------------------------------------------------------------------------- HF vocabulary
+
+
+RECIPE_CLASSES = [vision.VisionArguments, language_model.LMArguments, translate.TranslateArguments]
+
+
+@pytest.mark.parametrize("cls", RECIPE_CLASSES, ids=lambda c: c.__name__)
+def test_help_describes_every_option(cls):
+    """Every option of --help has a description (HfArgumentParser with help= on every field)."""
+    parser = common._parser(cls, "recipe")
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {a.dest for a in options} >= {f.name for f in dataclasses.fields(cls)}
+    missing = [a.option_strings[0] for a in options if not (a.help or "").strip()]
+    assert missing == []
+    text = parser.format_help()
+    assert "--gradient_accumulation_steps" in text and "micro-steps per optimizer step" in text
+
+
+def test_hf_names_and_old_aliases(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # tensorboard "installed", wandb as it is
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            object() if name in ("tensorboard", "tensorboardX") else find_spec(name, *a)
+        ),
+    )
+    args = parse(["--optim", "sgd", "--lr_scheduler_type", "constant", "--dataset_name", "x/y"])
+    assert (args.optim, args.lr_scheduler_type, args.dataset_name) == ("sgd", "constant", "x/y")
+    with pytest.warns(FutureWarning, match="--optimizer is now --optim"):
+        old = parse(["--optimizer", "sgd", "--lr_schedule", "constant", "--dataset", "x/y"])
+    assert old == args
+    assert parse(["--report_to", "none"]).report_to == ["none"]
+    assert parse(["--report_to", "wandb", "tensorboard"]).report_to == ["wandb", "tensorboard"]
+    assert parse(["--report_to", "wandb,tensorboard"]).report_to == ["wandb", "tensorboard"]
+    installed = [t for t in common.TRACKERS if importlib.util.find_spec(t)]
+    assert "tensorboard" in installed
+    assert parse(["--report_to", "all"]).report_to == installed
+    assert common.trackers(parse([])) is None
+
+
+def test_config_file_from_another_working_directory(tmp_path, monkeypatch):
+    """--config and the DeepSpeed file of an accelerate yaml are found from any directory."""
+    monkeypatch.chdir(tmp_path)
+    shipped = parse(["--config", "recipes/configs/vision_quick.yaml"], vision.VisionArguments)
+    assert shipped == vision.VisionArguments()
+    assert parse(["--config", "vision_quick.yaml"], vision.VisionArguments) == shipped
+    (tmp_path / "mine.yaml").write_text("learning_rate: 0.3\n")
+    assert parse(["--config", "mine.yaml", "--max_steps", "5"]).learning_rate == 0.3
+    with pytest.raises(common.ConfigError, match="'nope.yaml' does not exist"):
+        parse(["--config", "nope.yaml"])
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate_configs/ds_zero2_bf16.json")
+    plugin = common.deepspeed_plugin(parse(["--max_grad_norm", "0.5"]))
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+    # an accelerate yaml with the DeepSpeed settings inline: the same rule, no silent override
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
+    with pytest.raises(common.ConfigError, match="clips gradients at 1.0.*--max_grad_norm 1.0"):
+        common.deepspeed_plugin(parse(["--max_grad_norm", "0.5"]))
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "none")
+    assert common.deepspeed_plugin(parse(["--max_grad_norm", "0.5"])).gradient_clipping == 0.5
+
+
+def _netrc(home, host="api.wandb.ai"):
+    path = home / ".netrc"
+    path.write_text(f"machine {host}\n  login user\n  password {'k' * 40}\n")
+    path.chmod(0o600)
+
+
+def test_wandb_mode_online_when_logged_in(tmp_path):
+    """Online with a key in the environment, in ~/.netrc (what `wandb login` writes) or in W&B's
+    settings file; offline otherwise; an explicit WANDB_MODE wins."""
+    home = tmp_path / "home"
+    home.mkdir()
+    assert common.wandb_mode({}, str(home)) == "offline"
+    assert common.wandb_mode({"WANDB_API_KEY": "k" * 40}, str(home)) == "online"
+    assert common.wandb_mode({"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}, str(home)) == (
+        "disabled"
+    )
+    _netrc(home, "example.com")  # another host's entry is not a W&B login
+    assert common.wandb_mode({}, str(home)) == "offline"
+    _netrc(home)
+    assert common.wandb_mode({}, str(home)) == "online"
+    assert common.wandb_mode({"NETRC": str(tmp_path / "none")}, str(home)) == "offline"
+    other = tmp_path / "other"
+    (other / ".config" / "wandb").mkdir(parents=True)
+    (other / ".config" / "wandb" / "settings").write_text("[default]\napi_key = abc\n")
+    assert common.wandb_mode({}, str(other)) == "online"
+    custom = {"WANDB_BASE_URL": "https://wandb.example.com"}
+    _netrc(other, "wandb.example.com")
+    assert common.wandb_mode(custom, str(other)) == "online"
+
+
+def test_rotation_keeps_the_newest_and_the_checkpoint_resumed_from(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 10:  # checkpoint-10: a save that did not finish, never deleted
+            (tmp_path / f"checkpoint-{step}" / "checkpoint_complete.json").write_text("{}")
+    resumed = str(tmp_path / "checkpoint-2")
+    deleted = common.rotate_checkpoints(str(tmp_path), 2, keep=resumed)
+    assert sorted(os.path.basename(d) for d in deleted) == ["checkpoint-4"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint-10",
+        "checkpoint-2",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
+    assert common.rotate_checkpoints(str(tmp_path), None) == []
+    common.rotate_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-8"]
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -286,7 +437,8 @@ def test_find_latest_checkpoint_and_resume_errors(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
         if step != 120:  # checkpoint-120: a save that did not finish
             (tmp_path / f"checkpoint-{step}" / "checkpoint_complete.json").write_text(
-                '{"step": %d, "num_processes": 2}' % step)
+                f'{{"step": {step}, "num_processes": 2}}'
+            )
     (tmp_path / "checkpoint-final").mkdir()
     with pytest.warns(UserWarning, match="skipping checkpoint-120.*did not finish"):
         assert common.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
@@ -300,8 +452,9 @@ def test_find_latest_checkpoint_and_resume_errors(tmp_path):
     with pytest.raises(common.ConfigError, match="save did not finish.*earlier checkpoint"):
         common.check_checkpoint(launch, str(tmp_path / "checkpoint-120"))
     with pytest.raises(common.ConfigError, match="saved by 2 processes.*resume with 2"):
-        common.check_checkpoint(SimpleNamespace(num_processes=4, process_index=1),
-                                str(tmp_path / "checkpoint-100"))  # fmt: skip
+        common.check_checkpoint(
+            SimpleNamespace(num_processes=4, process_index=1), str(tmp_path / "checkpoint-100")
+        )
     ckpt = tmp_path / "checkpoint-100"
     for name in ("optimizer.bin", "model.safetensors", "extrap_accel_rank0.pt"):
         (ckpt / name).write_bytes(b"")
@@ -324,12 +477,15 @@ def test_report_to_tensorboard_needs_tensorboard(monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
-        "tensorboard", "tensorboardX") else find_spec(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else find_spec(name, *a),
+    )
     with pytest.raises(common.ConfigError, match="pip install tensorboard"):
         parse(["--report_to", "tensorboard"])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
-    assert parse(["--report_to", "tensorboard"]).report_to == "tensorboard"
+    assert parse(["--report_to", "tensorboard"]).report_to == ["tensorboard"]
 
 
 def test_plot_curves(tmp_path):
@@ -362,8 +518,9 @@ def cifar_like(tmp_path_factory):
     pixels = {}
     for split, n in (("train", 24), ("test", 8)):
         images, pixels[split] = _pil_images(n, seed=len(split))
-        ds = datasets.Dataset.from_dict({"img": images, "label": [i % 10 for i in range(n)]},
-                                        features=features)  # fmt: skip
+        ds = datasets.Dataset.from_dict(
+            {"img": images, "label": [i % 10 for i in range(n)]}, features=features
+        )
         os.makedirs(root / "plain_text", exist_ok=True)
         ds.to_parquet(str(root / "plain_text" / f"{split}-00000-of-00001.parquet"))
     return root, pixels
@@ -371,8 +528,8 @@ def cifar_like(tmp_path_factory):
 
 def test_vision_local_dataset_in_the_hub_schema(cifar_like):
     root, pixels = cifar_like
-    args = parse(["--dataset", str(root)], vision.VisionArguments)
-    train_x, train_y, test_x, test_y, num_classes = vision.get_datasets(args)
+    args = parse(["--dataset_name", str(root)], vision.VisionArguments)
+    train_x, train_y, test_x, _, num_classes = vision.get_datasets(args)
     assert train_x.shape == (24, 3, 32, 32) and train_x.dtype == torch.uint8
     assert torch.equal(train_x, pixels["train"].permute(0, 3, 1, 2))
     assert test_x.shape == (8, 3, 32, 32) and num_classes == 10
@@ -387,7 +544,7 @@ def test_vision_cifar100_schema_from_save_to_disk(tmp_path):
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict(split), "test": datasets.Dataset.from_dict(split)}
     ).save_to_disk(str(tmp_path / "c100"))
-    args = parse(["--dataset", str(tmp_path / "c100")], vision.VisionArguments)
+    args = parse(["--dataset_name", str(tmp_path / "c100")], vision.VisionArguments)
     _, train_y, _, _, num_classes = vision.get_datasets(args)
     assert train_y.tolist() == [0, 5, 99, 1, 2, 3] and num_classes == 100
 
@@ -396,7 +553,7 @@ def test_vision_data_errors_name_the_schema(tmp_path, monkeypatch):
     import datasets
 
     def load(name):
-        return vision.get_datasets(parse(["--dataset", name], vision.VisionArguments))
+        return vision.get_datasets(parse(["--dataset_name", name], vision.VisionArguments))
 
     with pytest.raises(common.DataError, match="is not a directory; expected .*'img'"):
         load(str(tmp_path / "missing"))
@@ -417,12 +574,14 @@ def test_vision_data_errors_name_the_schema(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(common.DataError, match="Hub dataset 'uoft-cs/cifar10'.*--dataset default"):
+    with pytest.raises(
+        common.DataError, match="Hub dataset 'uoft-cs/cifar10'.*--dataset_name default"
+    ):
         load("uoft-cs/cifar10")
 
 
 def test_digits_default_and_augmentation():
-    train_x, train_y, test_x, test_y, num_classes = vision._digits()
+    train_x, train_y, test_x, _, num_classes = vision._digits()
     assert train_x.shape == (1497, 3, 32, 32) and test_x.shape == (300, 3, 32, 32)
     assert num_classes == 10 and set(train_y.tolist()) == set(range(10))
     pre = vision.Preprocess(torch.zeros(3), torch.ones(3), hflip=True)
@@ -478,7 +637,9 @@ def test_batchify_splits_the_global_batch_by_rank():
 
 
 def _lm_texts(name):
-    return language_model.get_text_splits(parse(["--dataset", name], language_model.LMArguments))
+    return language_model.get_text_splits(
+        parse(["--dataset_name", name], language_model.LMArguments)
+    )
 
 
 def test_language_model_local_text_files(tmp_path):
@@ -504,13 +665,18 @@ def test_language_model_hub_schema_and_errors(tmp_path):
         datasets.Dataset.from_dict(rows).to_parquet(
             str(tmp_path / "wt" / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
         )
-    args = parse(["--dataset", str(tmp_path / "wt"), "--dataset_config", "wikitext-2-raw-v1"],
-                 language_model.LMArguments)  # fmt: skip
+    args = parse(
+        ["--dataset_name", str(tmp_path / "wt"), "--dataset_config_name", "wikitext-2-raw-v1"],
+        language_model.LMArguments,
+    )
     texts = language_model.get_text_splits(args)
     assert texts["test"] == " = Title = \n\n some words here "
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["x"]}),
-                          "validation": datasets.Dataset.from_dict({"body": ["y"]})}
-                         ).save_to_disk(str(tmp_path / "bad"))  # fmt: skip
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"body": ["x"]}),
+            "validation": datasets.Dataset.from_dict({"body": ["y"]}),
+        }
+    ).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(common.DataError, match=r"columns \['body'\]; expected a 'text' column"):
         _lm_texts(str(tmp_path / "bad"))
     (tmp_path / "notrain").mkdir()
@@ -534,8 +700,22 @@ def one_thread():
 @pytest.mark.parametrize("name", ["sgd", "extrap_sgd_fresh", "extrap_sgd_uniform", "extrap_adam"])
 def test_language_model_runs_with_registry_entries(tmp_path, name, one_thread):
     """One process, a tiny model: any registry entry trains (fresh through its closure)."""
-    argv = ["--optimizer", name, "--output_dir", str(tmp_path), "--max_steps", "3",
-            "--emsize", "16", "--nhid", "16", "--logging_steps", "1", "--eval_steps", "0"]
+    argv = [
+        "--optim",
+        name,
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "3",
+        "--emsize",
+        "16",
+        "--nhid",
+        "16",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "0",
+    ]
     if name == "extrap_sgd_uniform":
         argv += ["--noise_scale", "1e-3"]
     if name == "extrap_adam":
@@ -545,10 +725,125 @@ def test_language_model_runs_with_registry_entries(tmp_path, name, one_thread):
     assert os.path.exists(tmp_path / "curves.png") and os.path.exists(tmp_path / "checkpoint-3")
 
 
+def _lm_test_perplexity(output_dir) -> float:
+    """The test perplexity of the model that load_model rebuilds from ``output_dir``."""
+    model, vocab = language_model.load_model(str(output_dir))
+    text = language_model._pydoc_topics()["test"]
+    data = language_model.batchify(vocab.encode(text), 10, 0, 1)  # per_device_eval_batch_size
+    one_process = SimpleNamespace(gather_for_metrics=lambda t: t)
+    return language_model.evaluate(one_process, model, data, 35)
+
+
+def test_language_model_outputs_load_rotate_and_push(tmp_path, monkeypatch, one_thread):
+    """extrap-Adam, one process: load_model(out) rebuilds the saved anchor (its test perplexity
+    is the recipe's own); --save_total_limit keeps the newest checkpoints; --push_to_hub uploads
+    the output folder holding the final model, to --hub_model_id (no network: the upload is
+    recorded)."""
+    import huggingface_hub
+
+    pushed = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: repo_id)
+
+    def upload_folder(*, repo_id, folder_path, **kw):
+        pushed.append((repo_id, folder_path, sorted(os.listdir(folder_path))))
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "lm"
+    results = language_model.main(
+        [
+            "--optim",
+            "extrap_adam",
+            "--learning_rate",
+            "1e-2",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--emsize",
+            "16",
+            "--nhid",
+            "16",
+            "--eval_steps",
+            "0",
+            "--save_steps",
+            "1",
+            "--save_total_limit",
+            "2",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/tiny-lstm",
+        ]
+    )
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == [
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
+    assert _lm_test_perplexity(out) == pytest.approx(results["test_perplexity"], rel=1e-9)
+    [(repo_id, folder, files)] = pushed
+    assert repo_id == "me/tiny-lstm" and folder == str(out)
+    assert {"model.safetensors", "config.json", "vocab.json"} <= set(files)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, one_thread):
+    """K = 1 fixed: 2 micro-batches of 2 rows accumulate to the step of one batch of 4 rows
+    (no dropout: the rows are independent), within float rounding."""
+    common_argv = [
+        "--emsize",
+        "16",
+        "--nhid",
+        "16",
+        "--dropout",
+        "0",
+        "--max_steps",
+        "4",
+        "--eval_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--max_vocab",
+        "300",
+    ]
+    full, accumulated = tmp_path / "full", tmp_path / "accumulated"
+    language_model.main(
+        [*common_argv, "--per_device_train_batch_size", "4", "--output_dir", str(full)]
+    )
+    language_model.main(
+        [
+            *common_argv,
+            "--per_device_train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--output_dir",
+            str(accumulated),
+        ]
+    )
+    a = load_file(str(full / "model.safetensors"))
+    b = load_file(str(accumulated / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    losses = [
+        [r["train_loss"] for r in _records(d) if "train_loss" in r] for d in (full, accumulated)
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert len(losses[0]) == 4 and losses[0][-1] < losses[0][0]
+
+
 def test_post_local_sgd_with_one_process_is_a_clear_error(tmp_path, one_thread):
     with pytest.raises(common.ConfigError, match="needs data parallelism"):
-        language_model.main(["--post_local_from", "2", "--output_dir", str(tmp_path),
-                             "--max_steps", "3", "--emsize", "8", "--nhid", "8"])
+        language_model.main(
+            [
+                "--post_local_from",
+                "2",
+                "--output_dir",
+                str(tmp_path),
+                "--max_steps",
+                "3",
+                "--emsize",
+                "8",
+                "--nhid",
+                "8",
+            ]
+        )
 
 
 def test_warmup_in_steps_or_epochs_whichever_is_given(tmp_path):
@@ -577,9 +872,23 @@ def test_mistakes_found_after_parsing_end_without_a_traceback(tmp_path):
         (["--post_local_from", "2"], "needs data parallelism"),
         (["--dataset", str(tmp_path / "nowhere")], "nowhere"),
     ):
-        proc = subprocess.run([sys.executable, "recipes/language_model.py", *args, "--max_steps",
-                               "2", "--output_dir", str(tmp_path / "out")], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "recipes/language_model.py",
+                *args,
+                "--max_steps",
+                "2",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ],
+            check=False,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "language_model.py: error:" in proc.stderr and message in proc.stderr
         assert "Traceback" not in proc.stderr
@@ -587,22 +896,39 @@ def test_mistakes_found_after_parsing_end_without_a_traceback(tmp_path):
 
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, one_thread):
     """A truncated file in a checkpoint: ConfigError naming the checkpoint and the way out."""
-    argv = ["--output_dir", str(tmp_path), "--max_steps", "2", "--emsize", "8", "--nhid", "8",
-            "--eval_steps", "0", "--save_steps", "2"]  # fmt: skip
+    argv = [
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "2",
+        "--emsize",
+        "8",
+        "--nhid",
+        "8",
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "2",
+    ]
     language_model.main(argv)
     ckpt = tmp_path / "checkpoint-2"
     assert (ckpt / "checkpoint_complete.json").exists()
     optimizer = ckpt / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     with pytest.raises(common.ConfigError, match="could not load .*checkpoint-2.*damaged"):
-        language_model.main(argv[:-1] + ["0", "--max_steps", "4", "--resume_from_checkpoint",
-                                         str(ckpt)])  # fmt: skip
+        language_model.main(
+            argv[:-1] + ["0", "--max_steps", "4", "--resume_from_checkpoint", str(ckpt)]
+        )
 
 
 def test_max_grad_norm_becomes_deepspeeds_gradient_clipping():
     """Under DeepSpeed accelerator.clip_grad_norm_ clips nothing: the engine must do it."""
-    for given, max_norm, expected in (("auto", 0.25, 0.25), (0.0, 0.25, 0.25), (0.0, None, 0.0),
-                                      (1.0, 1.0, 1.0)):  # fmt: skip
+    for given, max_norm, expected in (
+        ("auto", 0.25, 0.25),
+        (0.0, 0.25, 0.25),
+        (0.0, None, 0.0),
+        (1.0, 1.0, 1.0),
+    ):
         config = {"gradient_clipping": given}
         common.deepspeed_gradient_clipping(config, max_norm)
         assert config["gradient_clipping"] == expected
@@ -619,28 +945,33 @@ def test_max_grad_norm_becomes_deepspeeds_gradient_clipping():
 def _fsdp_accelerator(version):
     from accelerate.utils import DistributedType
 
-    return SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,
-                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
-                               fsdp_version=version)))  # fmt: skip
+    return SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        num_processes=2,
+        state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)),
+    )
 
 
 def test_fsdp2_accepted_with_the_same_flags():
-    common.check_fsdp(_fsdp_accelerator(2), Args())
+    common.check_launch(_fsdp_accelerator(2), Args())
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"post_local_from": 3}, "--post_local_from"),
-    ({"lars": True}, "--lars"),
-    ({"log_smoothness": True}, "--log_smoothness"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"post_local_from": 3}, "--post_local_from"),
+        ({"lars": True}, "--lars"),
+        ({"log_smoothness": True}, "--log_smoothness"),
+    ],
+)
 def test_fsdp2_refuses_options_that_need_whole_tensors_or_ddp(flags, message):
     with pytest.raises(common.ConfigError, match=f"{message}.*not supported under FSDP2"):
-        common.check_fsdp(_fsdp_accelerator(2), Args(**flags))
+        common.check_launch(_fsdp_accelerator(2), Args(**flags))
 
 
 def test_fsdp1_is_refused_naming_fsdp_version_2():
     with pytest.raises(common.ConfigError, match="fsdp_version: 2"):
-        common.check_fsdp(_fsdp_accelerator(1), Args())
+        common.check_launch(_fsdp_accelerator(1), Args())
 
 
 def test_broadcast_buffers_does_nothing_outside_fsdp():
@@ -648,6 +979,24 @@ def test_broadcast_buffers_does_nothing_outside_fsdp():
 
     model = nn.BatchNorm1d(3)
     model.running_mean.fill_(2.0)
-    common.broadcast_buffers(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
-                                             num_processes=2), model)  # fmt: skip
+    common.broadcast_buffers(
+        SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2), model
+    )
     assert torch.equal(model.running_mean, torch.full((3,), 2.0))
+
+
+def test_multi_node_deepspeed_config():
+    """accelerate_configs/deepspeed_zero2_bf16_multinode.yaml: two machines, accelerate's own
+    launcher on each, a DeepSpeed file that exists, every setting commented."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = os.path.join(REPO, "accelerate_configs", "deepspeed_zero2_bf16_multinode.yaml")
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.num_machines == 2 and config.num_processes == 16
+    assert config.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+    assert os.path.isfile(os.path.join(REPO, config.deepspeed_config["deepspeed_config_file"]))
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    machines = ("num_machines", "num_processes", "machine_rank", "main_process", "rdzv", "same_net")
+    explained = [ln for ln in lines if ln.startswith("  ") or ln.startswith(machines)]
+    assert len(explained) == 10 and all("#" in ln for ln in explained)

@@ -16,23 +16,46 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launch import accelerate_cmd, free_port, run
+from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "recipes"))
 
-import common  # noqa: E402
-import translate  # noqa: E402
+import common
+import translate
 
 SLICE = {"train": 160, "val": 20, "test": 20}  # Multi30k's file names on the Hub
 STEPS, MIDDLE = 16, 8
-TINY = ["recipes/translate.py", "--d_model", "32", "--layers", "1", "--attention_heads", "2",
-        "--ffn_dim", "64", "--vocab_size", "400", "--max_steps", str(STEPS),
-        "--save_steps", str(MIDDLE), "--logging_steps", "1", "--eval_steps", str(MIDDLE),
-        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "8",
-        "--learning_rate", "1e-2", "--warmup_epochs", "0.8"]  # 4 steps at K=2  # fmt: skip
+TINY = [
+    "recipes/translate.py",
+    "--d_model",
+    "32",
+    "--layers",
+    "1",
+    "--attention_heads",
+    "2",
+    "--ffn_dim",
+    "64",
+    "--vocab_size",
+    "400",
+    "--max_steps",
+    str(STEPS),
+    "--save_steps",
+    str(MIDDLE),
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    str(MIDDLE),
+    "--per_device_train_batch_size",
+    "16",
+    "--per_device_eval_batch_size",
+    "8",
+    "--learning_rate",
+    "1e-2",
+    "--warmup_epochs",
+    "0.8",
+]  # 4 steps at K=2
 
 
 def parse(argv):
@@ -94,19 +117,20 @@ def test_embedded_files_are_what_the_generator_writes():
 
 
 def test_local_directory_in_the_hub_schema(tiny_slice):
-    pairs = translate.get_pairs(parse(["--dataset", str(tiny_slice)]))
+    pairs = translate.get_pairs(parse(["--dataset_name", str(tiny_slice)]))
     assert {s: len(p[0]) for s, p in pairs.items()} == {"train": 160, "validation": 20, "test": 20}
     rows = _embedded("validation")[:20]
     assert pairs["validation"] == ([r["en"] for r in rows], [r["de"] for r in rows])
     # de -> en from the same files
-    back = translate.get_pairs(parse(["--dataset", str(tiny_slice), "--source_lang", "de",
-                                      "--target_lang", "en"]))  # fmt: skip
+    back = translate.get_pairs(
+        parse(["--dataset_name", str(tiny_slice), "--source_lang", "de", "--target_lang", "en"])
+    )
     assert back["test"][0][0] == _embedded("test")[0]["de"]
 
 
 def test_malformed_data_errors_name_the_schema(tmp_path, monkeypatch):
     def load(name):
-        return translate.get_pairs(parse(["--dataset", name]))
+        return translate.get_pairs(parse(["--dataset_name", name]))
 
     expected = "expected a directory of files with columns 'en' and 'de'"
     with pytest.raises(common.DataError, match=f"is not a directory; {expected}"):
@@ -135,8 +159,9 @@ def test_malformed_data_errors_name_the_schema(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(common.DataError,
-                       match="Hub dataset 'bentrevett/multi30k'.*--dataset default"):  # fmt: skip
+    with pytest.raises(
+        common.DataError, match="Hub dataset 'bentrevett/multi30k'.*--dataset_name default"
+    ):
         load("bentrevett/multi30k")
 
 
@@ -207,10 +232,10 @@ def test_quick_config_is_the_defaults_and_multi30k_parses():
         translate.TranslateArguments()
     )
     args = parse(["--config", os.path.join(configs, "translate_multi30k.yaml")])
-    assert args.dataset == "bentrevett/multi30k" and args.lr_schedule == "inverse_sqrt"
+    assert args.dataset_name == "bentrevett/multi30k" and args.lr_scheduler_type == "inverse_sqrt"
     with pytest.raises(common.ConfigError, match="divisible by attention_heads"):
         parse(["--d_model", "30", "--attention_heads", "4"])
-    with pytest.raises(common.ConfigError, match="lr_scaling must be one of"):
+    with pytest.raises(common.ConfigError, match="lr_scaling.*invalid choice: .cubic"):
         parse(["--lr_scaling", "cubic"])
 
 
@@ -220,8 +245,9 @@ def test_warmup_is_scaled_down_by_the_global_batch():
     warmups = []
     for k in (1, 2, 8):
         steps_per_epoch = 800 // (args.per_device_train_batch_size * k)  # drop_last
-        lr = common.lr_schedule(args, num_processes=k, total_steps=1000,
-                                steps_per_epoch=steps_per_epoch)  # fmt: skip
+        lr = common.lr_schedule(
+            args, num_processes=k, total_steps=1000, steps_per_epoch=steps_per_epoch
+        )
         warmup = common.resolve_warmup_steps(args, steps_per_epoch)
         warmups.append(warmup)
         peak = 2e-3 * math.sqrt(32 * k / 64)
@@ -248,8 +274,19 @@ def test_a_dataset_without_a_validation_split_evaluates_on_test(tmp_path, tiny_s
     data.mkdir()
     for name in ("train", "test"):
         (data / f"{name}.jsonl").write_text((tiny_slice / f"{name}.jsonl").read_text())
-    argv = [*TINY[1:], "--dataset", str(data), "--max_steps", "2", "--save_steps", "0",
-            "--eval_steps", "2", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        *TINY[1:],
+        "--dataset_name",
+        str(data),
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "0",
+        "--eval_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     results = translate.main(argv)
     assert 0.0 <= results["test_bleu"] <= 100.0 and math.isfinite(results["test_loss"])
     assert results["eval_bleu"] == results["test_bleu"]  # the same split, the same anchor
@@ -258,12 +295,46 @@ def test_a_dataset_without_a_validation_split_evaluates_on_test(tmp_path, tiny_s
 @pytest.mark.parametrize("name", ["adamw", "extrap_sgd_fresh"])
 def test_single_process_runs_with_registry_entries(tmp_path, tiny_slice, name, one_thread):
     """`python recipes/translate.py` (one process) with the baseline and with a closure entry."""
-    argv = [*TINY[1:], "--dataset", str(tiny_slice), "--optimizer", name, "--max_steps", "3",
-            "--save_steps", "0", "--eval_steps", "0", "--output_dir", str(tmp_path)]  # fmt: skip
+    argv = [
+        *TINY[1:],
+        "--dataset_name",
+        str(tiny_slice),
+        "--optim",
+        name,
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "0",
+        "--eval_steps",
+        "0",
+        "--output_dir",
+        str(tmp_path),
+    ]
     results = translate.main(argv)
     assert results["step"] == 3 and 0.0 <= results["test_bleu"] <= 100.0
     assert math.isfinite(results["test_loss"]) and 0.0 <= results["eval_bleu"] <= 100.0
     assert (tmp_path / "checkpoint-3").is_dir() and (tmp_path / "curves.png").exists()
+    if name == "adamw":
+        _assert_from_pretrained_reproduces(tmp_path, batch_size=8)
+
+
+def _assert_from_pretrained_reproduces(output_dir, batch_size: int) -> None:
+    """AutoModelForSeq2SeqLM + AutoTokenizer from the output folder translate the test split
+    exactly as the recipe did (greedy, fp32, the recipe's batches of the test split)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    rows = _read_jsonl(output_dir / "test_translations.jsonl")
+    sources = [r["source"] for r in rows]
+    translations = []
+    for i in range(0, len(sources), batch_size):
+        batch = tokenizer(sources[i : i + batch_size], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**batch)
+        translations += tokenizer.batch_decode(out, skip_special_tokens=True)
+    assert translations == [r["translation"] for r in rows]
+    assert len(set(translations)) > 1 or translations[0]  # something was translated
 
 
 # ---------------------------------------------------------------------------- 2 processes
@@ -282,14 +353,21 @@ def _records(output_dir) -> list[dict]:
 def runs(tmp_path_factory, tiny_slice):
     full = tmp_path_factory.mktemp("translate_full")
     resumed = tmp_path_factory.mktemp("translate_resumed")
-    argv = [*TINY, "--dataset", str(tiny_slice)]
+    argv = [*TINY, "--dataset_name", str(tiny_slice)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.delenv("WANDB_API_KEY", raising=False)
         mp.setenv("WANDB_SILENT", "true")
         _launch(*argv, "--output_dir", str(full), "--report_to", "wandb")
-    _launch(*argv, "--output_dir", str(resumed), "--resume_from_checkpoint",
-            str(full / f"checkpoint-{MIDDLE}"))  # fmt: skip
+        _launch(
+            *argv,
+            "--output_dir",
+            str(resumed),
+            "--report_to",
+            "wandb",
+            "--resume_from_checkpoint",
+            str(full / f"checkpoint-{MIDDLE}"),
+        )
     return full, resumed
 
 
@@ -303,8 +381,9 @@ def test_translate_trains_and_reports_bleu(runs, tiny_slice):
     peak = 1e-2 * math.sqrt(32 / 64)  # sqrt scaling from 64 to the global batch 2·16
     for r in records:
         if "lr" in r:  # the rate of the step just taken: inverse square root after 4 warmup steps
-            assert r["lr"] == pytest.approx(common.inverse_sqrt_lr(r["step"] - 1, peak_lr=peak,
-                                                                   warmup_steps=4))  # fmt: skip
+            assert r["lr"] == pytest.approx(
+                common.inverse_sqrt_lr(r["step"] - 1, peak_lr=peak, warmup_steps=4)
+            )
     assert [r["step"] for r in records if "eval_bleu" in r] == [MIDDLE, STEPS]
     results = json.loads((full / "results.json").read_text())
     for key in ("eval_bleu", "test_bleu"):
@@ -316,7 +395,15 @@ def test_translate_trains_and_reports_bleu(runs, tiny_slice):
     assert [t["source"] for t in translations] == src  # every test pair once, in order
     hyps = [t["translation"] for t in translations]
     assert results["test_bleu"] == pytest.approx(translate.corpus_bleu(hyps, ref))
-    for name in ("curves.png", "config.yaml", "model.safetensors", "tokenizer.json"):
+    for name in (
+        "curves.png",
+        "config.yaml",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+    ):
         assert (full / name).exists(), name
 
 
@@ -343,15 +430,29 @@ def test_checkpoint_weights_are_the_anchor(runs):
             assert (checkpoint / f"extrap_accel_rank{rank}.pt").exists()
     final = load_file(str(full / "model.safetensors"))
     last = load_file(str(full / f"checkpoint-{STEPS}" / "model.safetensors"))
-    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    # save_pretrained leaves out the fixed sinusoidal position tables (rebuilt from the config)
+    assert {k for k in last.keys() - final.keys() if "embed_positions" not in k} == set()
+    assert final.keys() <= last.keys() and all(torch.equal(final[k], last[k]) for k in final)
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_is_written(runs):
-    full, _ = runs
-    offline = [d for d in os.listdir(full / "wandb") if d.startswith("offline-run-")]
-    assert len(offline) == 1
-    assert any(f.endswith(".wandb") for f in os.listdir(full / "wandb" / offline[0]))
+def test_wandb_offline_run_is_written_and_continued_on_resume(runs):
+    """W&B offline (no key): the run's id is stored in the checkpoint, and the resumed launch
+    (another output_dir) continues that run (resume="allow") instead of starting a new one."""
+    full, resumed = runs
+    ids = []
+    for out in (full, resumed):
+        offline = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+        assert len(offline) == 1
+        assert any(f.endswith(".wandb") for f in os.listdir(out / "wandb" / offline[0]))
+        ids.append(offline[0].rsplit("-", 1)[1])
+    assert ids[0] == ids[1] and len(ids[0]) >= 8
+    # the run record (protobuf, uncompressed) carries the run name (the output folder's name),
+    # the project and the resolved options as the run's config
+    [record] = [f for f in (full / "wandb").glob("offline-run-*/*.wandb")]
+    data = record.read_bytes()
+    for text in (full.name, "extrap_accel_translate", "lr_scheduler_type", "inverse_sqrt"):
+        assert text.encode() in data, text
 
 
 @pytest.mark.slow
@@ -371,8 +472,9 @@ def test_translate_resumes_exactly(runs):
         la, lb = la["optimizers"][0], lb["optimizers"][0]
         for idx, entry in la["state"].items():
             assert all(torch.equal(v, lb["state"][idx][k]) for k, v in entry.items())
-    assert json.loads((full / "results.json").read_text())["test_bleu"] == (
-        json.loads((resumed / "results.json").read_text())["test_bleu"]
+    assert (
+        json.loads((full / "results.json").read_text())["test_bleu"]
+        == (json.loads((resumed / "results.json").read_text())["test_bleu"])
     )
 
 
@@ -382,18 +484,30 @@ def test_translate_under_deepspeed_resumes_exactly(tmp_path, tiny_slice):
     trains through the DeepSpeed adapter, each rank saves its own file with the checkpoint,
     and a run resumed from the middle ends with the same saved (anchor) weights, bit for bit."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    argv = [*TINY, "--dataset", str(tiny_slice), "--eval_steps", "0"]
+    argv = [*TINY, "--dataset_name", str(tiny_slice), "--eval_steps", "0"]
 
     def launch(*args):
-        run([accelerate_cmd("cpu_2proc_deepspeed.yaml", "--main_process_port", str(free_port()),
-                            *argv, *args)], accelerate_use_cpu=False)  # fmt: skip
+        run(
+            [
+                accelerate_cmd(
+                    "cpu_2proc_deepspeed.yaml",
+                    "--main_process_port",
+                    str(free_port()),
+                    *argv,
+                    *args,
+                )
+            ],
+            accelerate_use_cpu=False,
+        )
 
     launch("--output_dir", str(full))
-    launch("--output_dir", str(resumed), "--resume_from_checkpoint",
-           str(full / f"checkpoint-{MIDDLE}"))  # fmt: skip
+    launch(
+        "--output_dir", str(resumed), "--resume_from_checkpoint", str(full / f"checkpoint-{MIDDLE}")
+    )
     for rank in (0, 1):
-        assert (full / f"checkpoint-{MIDDLE}" / "pytorch_model" /
-                f"extrap_accel_rank{rank}.pt").exists()  # fmt: skip
+        assert (
+            full / f"checkpoint-{MIDDLE}" / "pytorch_model" / f"extrap_accel_rank{rank}.pt"
+        ).exists()
     results = json.loads((full / "results.json").read_text())
     assert math.isfinite(results["test_loss"]) and 0.0 <= results["test_bleu"] <= 100.0
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))

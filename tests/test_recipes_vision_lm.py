@@ -14,19 +14,58 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from launch import accelerate_cmd, free_port, run
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-VISION = ["recipes/vision.py", "--width", "0.25", "--max_steps", "20", "--save_steps", "10",
-          "--logging_steps", "1", "--eval_steps", "10", "--per_device_train_batch_size", "32",
-          "--learning_rate", "0.4", "--lr_schedule", "constant", "--warmup_epochs", "0",
-          "--lars", "--log_smoothness", "--extrap_until", "15"]  # fmt: skip
-LM = ["recipes/language_model.py", "--emsize", "32", "--nhid", "32", "--max_steps", "16",
-      "--save_steps", "8", "--logging_steps", "1", "--eval_steps", "8", "--warmup_epochs", "0",
-      "--post_local_from", "12", "--local_period", "2", "--log_smoothness"]  # fmt: skip
+VISION = [
+    "recipes/vision.py",
+    "--width",
+    "0.25",
+    "--max_steps",
+    "20",
+    "--save_steps",
+    "10",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "10",
+    "--per_device_train_batch_size",
+    "32",
+    "--learning_rate",
+    "0.4",
+    "--lr_scheduler_type",
+    "constant",
+    "--warmup_epochs",
+    "0",
+    "--lars",
+    "--log_smoothness",
+    "--extrap_until",
+    "15",
+]
+LM = [
+    "recipes/language_model.py",
+    "--emsize",
+    "32",
+    "--nhid",
+    "32",
+    "--max_steps",
+    "16",
+    "--save_steps",
+    "8",
+    "--logging_steps",
+    "1",
+    "--eval_steps",
+    "8",
+    "--warmup_epochs",
+    "0",
+    "--post_local_from",
+    "12",
+    "--local_period",
+    "2",
+    "--log_smoothness",
+]
 
 
 def _launch(*args: str) -> None:
@@ -128,27 +167,125 @@ def test_language_model_resumes_exactly(lm_runs):
 
 
 def test_torch_sgd_baseline_resumes_exactly_inside_post_local_sgd(tmp_path):
-    """--optimizer sgd (the paper's baseline) with post-local SGD, saved at step 4 while the
+    """--optim sgd (the paper's baseline) with post-local SGD, saved at step 4 while the
     ranks' weights and momenta differ (phase 2 from step 2, averaged after step 5): each rank
     saves and restores its own, and the resumed run continues bit for bit. Steps 6 and 7 are
     local: the run ends by averaging once more, so both ranks end on one model."""
-    argv = ["recipes/language_model.py", "--emsize", "16", "--nhid", "16", "--max_steps", "7",
-            "--save_steps", "4", "--logging_steps", "1", "--eval_steps", "0",
-            "--warmup_epochs", "0", "--optimizer", "sgd", "--post_local_from", "2",
-            "--local_period", "3"]  # fmt: skip
+    argv = [
+        "recipes/language_model.py",
+        "--emsize",
+        "16",
+        "--nhid",
+        "16",
+        "--max_steps",
+        "7",
+        "--save_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "0",
+        "--warmup_epochs",
+        "0",
+        "--optim",
+        "sgd",
+        "--post_local_from",
+        "2",
+        "--local_period",
+        "3",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _launch(*argv, "--output_dir", str(full))
-    _launch(*argv, "--output_dir", str(resumed), "--resume_from_checkpoint",
-            str(full / "checkpoint-4"))  # fmt: skip
+    _launch(
+        *argv, "--output_dir", str(resumed), "--resume_from_checkpoint", str(full / "checkpoint-4")
+    )
     for rank in (0, 1):
         assert (full / "checkpoint-4" / f"post_local_baseline_rank{rank}.pt").exists()
     assert _records(resumed) == [r for r in _records(full) if r["step"] > 4]
     a = load_file(str(full / "checkpoint-7" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoint-7" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ranks = [torch.load(full / "checkpoint-7" / f"post_local_baseline_rank{r}.pt",
-                        weights_only=True)["model"] for r in (0, 1)]  # fmt: skip
+    ranks = [
+        torch.load(full / "checkpoint-7" / f"post_local_baseline_rank{r}.pt", weights_only=True)[
+            "model"
+        ]
+        for r in (0, 1)
+    ]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    mid = [torch.load(full / "checkpoint-4" / f"post_local_baseline_rank{r}.pt",
-                      weights_only=True)["model"] for r in (0, 1)]  # fmt: skip
+    mid = [
+        torch.load(full / "checkpoint-4" / f"post_local_baseline_rank{r}.pt", weights_only=True)[
+            "model"
+        ]
+        for r in (0, 1)
+    ]
     assert not all(torch.equal(mid[0][k], mid[1][k]) for k in mid[0])  # the check can fail
+
+
+def _vision():
+    import sys
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    )
+    import common
+    import vision
+
+    return common, vision
+
+
+def test_vision_load_model_reproduces_the_test_accuracy(vision_runs):
+    """load_model(output_dir) rebuilds the network and its preprocessing from config.json and
+    model.safetensors (the anchor): on the test images it scores what the run reported."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    _, vision = _vision()
+    full, _, _ = vision_runs
+    model, preprocess = vision.load_model(str(full))
+    _, _, test_x, test_y, _ = vision._digits()
+    loader = DataLoader(TensorDataset(test_x, test_y), batch_size=250)  # the run's batches
+    one_process = SimpleNamespace(gather_for_metrics=lambda t: t)
+    scores = vision.evaluate(one_process, model, preprocess, loader)
+    results = json.loads((full / "results.json").read_text())
+    assert scores["eval_accuracy"] == results["eval_accuracy"]
+    assert scores["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-5)
+
+
+def test_resume_on_another_number_of_processes_needs_restart_extrapolation(vision_runs, tmp_path):
+    """checkpoint-10 was saved by 2 processes. One process refuses it, naming the flag; with
+    --restart_extrapolation it loads the anchor (and the base optimizer state), restarts the
+    local extrapolation state and trains on."""
+    import torch
+
+    common, vision = _vision()
+    full, _, _ = vision_runs
+    argv = [*VISION[1:], "--resume_from_checkpoint", str(full / "checkpoint-10")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(common.ConfigError, match="saved by 2 processes.*--restart_extrap"):
+            vision.main([*argv, "--output_dir", str(tmp_path / "refused")])
+        at_anchor = tmp_path / "at_anchor"  # no step left: the final model is what was loaded
+        vision.main(
+            [*argv, "--restart_extrapolation", "--max_steps", "10", "--output_dir", str(at_anchor)]
+        )
+        a = load_file(str(at_anchor / "model.safetensors"))
+        b = load_file(str(full / "checkpoint-10" / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        results = vision.main(
+            [
+                *argv,
+                "--restart_extrapolation",
+                "--max_steps",
+                "12",
+                "--output_dir",
+                str(tmp_path / "on"),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert results["step"] == 12
+    losses = [r["train_loss"] for r in _records(tmp_path / "on") if "train_loss" in r]
+    assert [r["step"] for r in _records(tmp_path / "on") if "train_loss" in r] == [11, 12]
+    assert all(math.isfinite(v) for v in losses)

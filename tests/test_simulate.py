@@ -1,4 +1,4 @@
-"""The single-process simulator of K workers against the line-by-line oracle of ALGORITHMS.md
+"""The single-process simulator of K workers against the line-by-line oracle of docs/algorithms.md
 (the check against a real 2-process run is in tests/test_ddp.py)."""
 
 import pytest
