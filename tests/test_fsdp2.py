@@ -314,7 +314,7 @@ def test_fsdp2_accelerate_configs(name, machines, processes):
 RECIPE_WORKER = "tests/distributed/recipe_fsdp2_worker.py"
 VISION = ["recipes/vision.py", "--width", "0.25", "--max_steps", "6", "--save_steps", "3",
           "--logging_steps", "1", "--eval_steps", "3", "--per_device_train_batch_size", "32",
-          "--learning_rate", "0.4", "--lr_schedule", "constant", "--warmup_epochs", "0"]
+          "--learning_rate", "0.4", "--lr_scheduler_type", "constant", "--warmup_epochs", "0"]
 
 
 @pytest.fixture(scope="module")

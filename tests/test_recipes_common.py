@@ -870,7 +870,7 @@ def test_mistakes_found_after_parsing_end_without_a_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     for args, message in (
         (["--post_local_from", "2"], "needs data parallelism"),
-        (["--dataset", str(tmp_path / "nowhere")], "nowhere"),
+        (["--dataset_name", str(tmp_path / "nowhere")], "nowhere"),
     ):
         proc = subprocess.run(
             [
