@@ -55,6 +55,8 @@ def make(task: str):
 
         def loss_fn(m, b):
             return F.cross_entropy(m(b[0]), b[1])
+    elif task == "translate":
+        return make_translate()
     else:
         import language_model
 
@@ -67,6 +69,34 @@ def make(task: str):
         def loss_fn(m, b):
             logits, _ = m(b[:, :-1])
             return F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten())
+    return model, batch, loss_fn
+
+
+def make_translate():
+    """recipes/translate.py's model (Marian-style, 0.77 M parameters) and its training batches
+    (embedded en–de pairs, the recipe's BPE vocabulary, 32 sentence pairs per rank), label
+    smoothing 0.1; dropout masks from the global generator, reseeded per step and rank."""
+    import translate
+
+    args = translate.TranslateArguments()
+    pairs = translate.get_pairs(args)
+    tokenizer = translate.train_tokenizer(pairs["train"][0] + pairs["train"][1], args.vocab_size,
+                                          args.max_length)  # fmt: skip
+    torch.manual_seed(0)
+    model = translate.build_model(args, tokenizer)
+    train, _ = translate.get_dataloaders(args, tokenizer, pairs)
+    torch.manual_seed(0)
+    batches = [{k: v for k, v in b.items() if k != "index"} for _, b in zip(range(8), train)]
+
+    def batch(rank, t):
+        torch.manual_seed(1000 * t + rank)  # dropout
+        return batches[(2 * t + rank) % len(batches)]
+
+    def loss_fn(m, b):
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                   decoder_input_ids=b["decoder_input_ids"]).logits  # fmt: skip
+        return translate.smoothed_loss(logits, b["labels"], args.label_smoothing)
+
     return model, batch, loss_fn
 
 
