@@ -427,7 +427,9 @@ def deepspeed_config(rec: Recorder, dsw, stage: int, precision: str) -> None:
             rec.check(
                 f"{tag}: {key.replace('_', ' ')}",
                 bool(s[key]),
-                "" if s[key] else f"mismatches {s.get('resume_mismatches')}",
+                f"(step, tensor) mismatches {s.get('resume_mismatches')}"
+                if key == "resume_bit_identical" and not s[key]
+                else "",
             )
 
 
