@@ -27,16 +27,18 @@ import json
 import os
 import statistics
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (REPO, os.path.join(REPO, "recipes")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from _multiprocess import free_port, interleaved_times, report, run_ranks  # noqa: E402
-from extrap_accel.diagnostics import count_collectives  # noqa: E402
+import torch
+import torch.nn.functional as F
+from _multiprocess import free_port, interleaved_times, report, run_ranks
+
+from extrap_accel.diagnostics import count_collectives
 
 MOMENTUM = 0.9
 
@@ -152,19 +154,25 @@ def worker(args) -> None:
                 model, opt = extrap_accel.prepare(accelerator, model, opt)
             runs[name] = (model, opt, batch, loss_fn)
 
-        def one_step(name, t, runs=runs):
+        step_phase = {name: [] for name in runs}  # optimizer.step() + zero_grad alone
+
+        def one_step(name, t, runs=runs, step_phase=step_phase):
             model, opt, batch, loss_fn = runs[name]
             accelerator.backward(loss_fn(model, batch(rank, t)))
+            start = time.perf_counter()
             opt.step()
             opt.zero_grad()
+            step_phase[name].append(time.perf_counter() - start)
 
         # (the warm-up covers DDP rebuilding its buckets after the first iteration)
         load = [cpu_load()]
         times = {name: [] for name in runs}
+        phases = {name: [] for name in runs}
         for _ in range(args.repeats):  # each repetition: its own interleaved A/B steps
             rep = interleaved_times(one_step, runs, args.steps, warmup=1)
             for name in runs:
                 times[name].append(rep[name])
+                phases[name].append(step_phase[name][-args.steps :])
             load.append(cpu_load())
         collectives = {name: count_collectives(lambda name=name: one_step(name, 99))
                        for name in runs}  # fmt: skip
@@ -173,6 +181,7 @@ def worker(args) -> None:
         for name in runs:
             state, capture = state_bytes(runs[name][1])
             res[name] = {"medians_s": [statistics.median(r) for r in times[name]],
+                         "step_phase_medians_s": [statistics.median(r) for r in phases[name]],
                          "times_s": times[name], "state_bytes": state, "capture_bytes": capture,
                          "collectives": collectives[name]}  # fmt: skip
         out["tasks"][task] = res
@@ -188,19 +197,23 @@ def summary(ranks: list[dict], task: str) -> dict:
     base = [max(p[b]["medians_s"][i] for p in per) for i in range(len(per[0][b]["medians_s"]))]
     ours = [max(p[o]["medians_s"][i] for p in per) for i in range(len(per[0][o]["medians_s"]))]
     ratios = [x / y for x, y in zip(ours, base)]
+    phase = {k: statistics.median(max(p[k]["step_phase_medians_s"][i] for p in per)
+                                  for i in range(len(per[0][k]["step_phase_medians_s"])))
+             for k in (b, o)}  # fmt: skip
     loads = [entry["loadavg"][0] for entry in per[0]["load"]]
     psi = [entry["psi_some_avg10"] for entry in per[0]["load"] if "psi_some_avg10" in entry]
     return {"baseline_s": statistics.median(base), "ours_s": statistics.median(ours),
             "ratio": statistics.median(ratios), "ratios": ratios,
+            "baseline_step_phase_s": phase[b], "ours_step_phase_s": phase[o],
             "load1": (min(loads), max(loads)), "psi": (min(psi), max(psi)) if psi else None}
 
 
 def table(ranks: list[dict], steps: int, repeats: int) -> str:
-    lines = ["| model | params | optimizers | baseline s/step | ours s/step | time ratio (median "
-             "of repetitions) | ratio min–max | load avg (1 min) | CPU pressure % | baseline "
+    lines = [("| model | params | optimizers | baseline s/step | ours s/step | time ratio (median "
+             "of repetitions) | ratio min–max | of which step() + zero_grad, baseline → ours | load avg (1 min) | CPU pressure % | baseline "
              "state B/param | ours state B/param (of which captured gᵏ) | collectives/step "
-             "baseline → ours (elements) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "baseline → ours (elements) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for task in ranks[0]["tasks"]:
         p0 = ranks[0]["tasks"][task]
         b, o, n = p0["baseline"], p0["ours"], p0["numel"]
@@ -212,7 +225,8 @@ def table(ranks: list[dict], steps: int, repeats: int) -> str:
         lines.append(
             f"| {task} | {n:,} | {b} → {o} | {s['baseline_s'] * 1e3:.1f} ms "
             f"| {s['ours_s'] * 1e3:.1f} ms | {s['ratio']:.3f} | {min(s['ratios']):.3f}–"
-            f"{max(s['ratios']):.3f} | {s['load1'][0]:.1f}–{s['load1'][1]:.1f} | {psi} "
+            f"{max(s['ratios']):.3f} | {s['baseline_step_phase_s'] * 1e3:.1f} → "
+            f"{s['ours_step_phase_s'] * 1e3:.1f} ms | {s['load1'][0]:.1f}–{s['load1'][1]:.1f} | {psi} "
             f"| {sb / n:.1f} | {ob / n:.1f} ({p0[o]['capture_bytes'] / n:.1f}) "
             f"| {cb['calls']} ({cb['elements']:,}) → {co['calls']} ({co['elements']:,}) |"
         )
