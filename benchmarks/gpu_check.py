@@ -614,6 +614,9 @@ def section_performance(rec: Recorder) -> None:
     from step_overhead import resnet20_shapes, transformer_shapes
 
     tiny = rec.tiny
+    if not cuda(rec):  # two threads on a shared CPU wait for each other at every operator
+        torch.set_num_threads(1)
+        rec.skip("intra-op threads on the CPU", "timed with one thread (torch.set_num_threads(1))")
     sets = {"transformer": transformer_shapes(d_model=64, d_ff=128, layers=1, vocab=500)
             if tiny else transformer_shapes(),
             "resnet20": resnet20_shapes()}  # fmt: skip
