@@ -187,6 +187,31 @@ def bench_pair(shapes, build_ours, build_base, repeats: int, warmup: int, seed: 
     return res
 
 
+def count_ops(shapes, build, seed: int = 0) -> dict:
+    """Operator calls per step, counted under torch.profiler over 2 steps (run after all
+    timing: a profiler that ran leaves the process's later steps slower)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+    runner = Runner(init, grads, build)
+    for _ in range(3):
+        runner.step(timed=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            runner.step(timed=False)
+    calls: dict[str, int] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            calls[event.key] = event.count // 2
+    calls["aten::copy_"] = calls.get("aten::copy_", 0) - len(shapes)  # the untimed grad reset
+    if not calls["aten::copy_"]:
+        del calls["aten::copy_"]
+    foreach = sum(n for k, n in calls.items() if k.startswith("aten::_foreach_"))
+    return {"foreach_calls": foreach, "aten_calls": sum(calls.values()), "calls": calls}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=30, help="timed steps per optimizer (>= 20)")
@@ -199,6 +224,9 @@ def main(argv=None) -> int:
         help="wall: perf_counter; cpu: this thread's CPU time (meaningful with --threads 1)",
     )  # fmt: skip
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    ap.add_argument("--profile", action="store_true",
+                    help="foreach=True only: the timed pairs, then the operator calls of one "
+                         "step of each (torch.profiler), and the time per extra call")  # fmt: skip
     args = ap.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -207,6 +235,31 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     global _clock
     _clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    if args.profile:
+        rows = []
+        for wl in args.workloads.split(","):  # all timing first, then the counting
+            for name, build_ours, build_base in pairs():
+                r = bench_pair(WORKLOADS[wl](), lambda ps, f=build_ours: f(ps, True), build_base,
+                               repeats, warmup)  # fmt: skip
+                rows.append({**r, "workload": wl, "pair": name})
+        print("| workload | pair | ours ms | torch ms | ratio | foreach calls ours / torch "
+              "| aten calls ours / torch | µs per extra aten call |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            shapes = WORKLOADS[r["workload"]]()
+            _, build_ours, build_base = next(p for p in pairs() if p[0] == r["pair"])
+            r["ours_ops"] = count_ops(shapes, lambda ps, f=build_ours: f(ps, True))
+            r["torch_ops"] = count_ops(shapes, build_base)
+            extra = r["ours_ops"]["aten_calls"] - r["torch_ops"]["aten_calls"]
+            per_call = 1e3 * (r["ms_ours"] - r["ms_base"]) / max(1, extra)
+            print(f"| {r['workload']} ({len(shapes)} tensors) | {r['pair']} | {r['ms_ours']:.2f} "
+                  f"| {r['ms_base']:.2f} | {r['ratio']:.2f} | {r['ours_ops']['foreach_calls']} / "
+                  f"{r['torch_ops']['foreach_calls']} | {r['ours_ops']['aten_calls']} / "
+                  f"{r['torch_ops']['aten_calls']} | {per_call:.2f} |", flush=True)  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
 
     env = dict(
         torch=torch.__version__,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import ExtrapOptimizer
-from .sgd import _batches, _chunks, _group_by_device_and_dtype, _split_large
+from .sgd import _batches, _chunks, _foreach_scale_, _group_by_device_and_dtype, _split_large
 
 __all__ = ["ExtrapAdam", "extrap_adam"]
 
@@ -407,10 +407,10 @@ def _foreach_extrap_adam(
         torch._foreach_add_(S, torch.tensor(1.0, device="cpu"), alpha=1.0)
     else:
         torch._foreach_add_(S, 1)
-    if weight_decay != 0:
-        torch._foreach_mul_(X, 1 - lr * weight_decay)
+    if weight_decay != 0:  # (_foreach_scale_: torch's _foreach_mul_, bit for bit)
+        _foreach_scale_(X, 1 - lr * weight_decay)
     torch._foreach_lerp_(M, G, 1 - beta1)
-    torch._foreach_mul_(V, beta2)
+    _foreach_scale_(V, beta2)
     torch._foreach_addcmul_(V, G, G, 1 - beta2)
     del G
     bias_correction1 = [1 - beta1 ** s.item() for s in S]
@@ -449,10 +449,10 @@ def _foreach_adam_direction_(
     """Foreach form of :func:`_adam_direction_`: in-place operations only, P as the scratch."""
     if coef != 1.0:
         torch._foreach_copy_(P, Gk)
-        torch._foreach_mul_(P, coef)
+        _foreach_scale_(P, coef)
         Gk = P
     torch._foreach_lerp_(Mk, Gk, 1 - beta1)
-    torch._foreach_mul_(Vk, beta2)
+    _foreach_scale_(Vk, beta2)
     torch._foreach_addcmul_(Vk, Gk, Gk, 1 - beta2)
     if Vkmax is not None:
         torch._foreach_maximum_(Vkmax, Vk)
@@ -467,5 +467,5 @@ def _foreach_adam_direction_(
     # (√ṽ + ε')/m̃, then its reciprocal: m̃/(√ṽ + ε'), in place
     torch._foreach_div_(P, Mk)
     torch._foreach_reciprocal_(P)
-    torch._foreach_mul_(P, [-extrap_lr * b2 / b1 for b1, b2 in zip(BC1, BC2_sqrt)])
+    _foreach_scale_(P, [-extrap_lr * b2 / b1 for b1, b2 in zip(BC1, BC2_sqrt)])
     torch._foreach_add_(P, X, alpha=1 - extrap_lr * weight_decay)
