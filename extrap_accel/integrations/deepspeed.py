@@ -243,8 +243,22 @@ class DeepSpeedExtrapolation(PlacingAdapter):
         return local_grad.view(-1)[start : start + n]
 
     def _with_anchor_in_weights(self, original, *args, **kwargs):
+        """ZeRO-3's consolidated state dict, built at the anchor. With one rank a gathered
+        weight is the shard's own storage (and ``.cpu()`` of a CPU tensor does not copy), so the
+        dict would change back to x̃ when the shards do: such entries are copied first."""
         with self.core.at_anchor():
-            return original(*args, **kwargs)
+            state = original(*args, **kwargs)
+            if state:
+                live = {t.untyped_storage().data_ptr()
+                        for p in self.engine.module.parameters()
+                        for t in (p.data, getattr(p, "ds_tensor", None))
+                        if t is not None and t.numel()}  # fmt: skip
+                for name, value in state.items():
+                    if torch.is_tensor(value) and value.numel() and (
+                        value.untyped_storage().data_ptr() in live
+                    ):
+                        state[name] = value.clone()
+        return state
 
     # ---------------------------------------------------------------- the step
     def _step(self, original, *args, **kwargs):
