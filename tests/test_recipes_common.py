@@ -1000,3 +1000,41 @@ def test_multi_node_deepspeed_config():
     machines = ("num_machines", "num_processes", "machine_rank", "main_process", "rdzv", "same_net")
     explained = [ln for ln in lines if ln.startswith("  ") or ln.startswith(machines)]
     assert len(explained) == 10 and all("#" in ln for ln in explained)
+
+
+def test_tensorboard_resume_writes_to_the_stored_folder(tmp_path, monkeypatch):
+    """TensorBoard (not installed here, so the tracker list is given): a first run stores its log
+    folder in the checkpointed TrainState; a resumed run under another output_dir or cwd writes
+    to that folder, not to a new one."""
+    import types
+
+    class RecordingAccelerator:
+        is_main_process = True
+
+        def __init__(self):
+            self.project_configuration = types.SimpleNamespace(logging_dir=None)
+            self.calls = []
+
+        def print(self, *args):
+            pass
+
+        def init_trackers(self, project, config=None, init_kwargs=None):
+            self.calls.append((project, self.project_configuration.logging_dir, config))
+
+    monkeypatch.setattr(common, "trackers", lambda args: ["tensorboard"])
+    args = parse(["--output_dir", str(tmp_path / "first"), "--report_to", "none"])
+    args.report_to = ["tensorboard"]
+    first, state = RecordingAccelerator(), common.TrainState()
+    common.init_trackers(first, args, state, "extrap_accel_test")
+    stored = state.state_dict()
+    assert stored["trackers"]["tensorboard_dir"] == str(tmp_path / "first" / "runs")
+
+    args.output_dir = str(tmp_path / "elsewhere")  # e.g. resumed with another output_dir
+    resumed, state2 = RecordingAccelerator(), common.TrainState()
+    state2.load_state_dict(stored)
+    common.init_trackers(resumed, args, state2, "extrap_accel_test")
+    assert resumed.calls[0][1] == str(tmp_path / "first" / "runs")
+    assert resumed.calls[0][2]["output_dir"] == args.output_dir  # the config is logged
+    fresh = RecordingAccelerator()
+    common.init_trackers(fresh, args, common.TrainState(), "extrap_accel_test")
+    assert fresh.calls[0][1] == str(tmp_path / "elsewhere" / "runs")
