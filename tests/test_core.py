@@ -285,16 +285,16 @@ def _capture_run(transient, opt_cls, kw, *, micro=1, overflow_at=None, steps=4):
         after_step = opt.local_grad_nbytes()
         opt.zero_grad()
         held.append((between, after_step, opt.local_grad_nbytes(), opt.local_grad_nbytes(True)))
-        trace.append([t.clone() for p in model.parameters() for t in (p.detach(), opt.anchor(p))])
+        trace.append([v.clone() for p in model.parameters() for v in (p.detach(), opt.anchor(p))])
     return trace, held
 
 
 @pytest.mark.parametrize("opt_cls, kw, micro, overflow_at", [
-    (ExtrapSGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2), 1, None),
-    (ExtrapSGD, dict(lr=0.1, momentum=0.9, extrap_max_norm=0.05), 2, None),  # accumulation
-    (ExtrapSGD, dict(lr=0.1, extrapolation="stochastic"), 1, None),
-    (ExtrapAdam, dict(lr=1e-2, weight_decay=1e-2, extrap_max_norm=0.05), 1, None),
-    (ExtrapSGD, dict(lr=0.1, momentum=0.9), 1, 1),  # fp16 GradScaler, step 1 overflows
+    (ExtrapSGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}, 1, None),
+    (ExtrapSGD, {"lr": 0.1, "momentum": 0.9, "extrap_max_norm": 0.05}, 2, None),  # accumulate
+    (ExtrapSGD, {"lr": 0.1, "extrapolation": "stochastic"}, 1, None),
+    (ExtrapAdam, {"lr": 1e-2, "weight_decay": 1e-2, "extrap_max_norm": 0.05}, 1, None),
+    (ExtrapSGD, {"lr": 0.1, "momentum": 0.9}, 1, 1),  # fp16 GradScaler, step 1 overflows
 ], ids=["sgd", "sgd-accumulate2-clip", "stochastic", "adam-clip", "fp16-overflow"])
 def test_transient_capture_is_bit_identical_and_released_after_each_step(opt_cls, kw, micro,
                                                                          overflow_at):
