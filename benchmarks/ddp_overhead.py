@@ -6,7 +6,8 @@ SGD, ...) after a warm-up, so that the ratios share the machine's conditions:
 * time per training step (forward, backward with the gradient all-reduce, ``optimizer.step()``,
   ``zero_grad``): median over ``--steps`` steps, per rank; ratio extrap / SGD;
 * optimizer-state bytes: every tensor in the optimizer's state plus extrap_accel's captured local
-  gradients (``local_grad_nbytes()``), per parameter and as a ratio to SGD's momentum buffer;
+  gradients as held at the step (``local_grad_nbytes(at_step=True)``; on a CUDA device they are
+  released between steps), per parameter and as a ratio to SGD's momentum buffer;
 * collective calls per step: ``gloo:`` events under ``torch.profiler`` (as
   ``extrap_accel.diagnostics.count_collectives``), and the elements they move.
 
@@ -106,7 +107,7 @@ def state_bytes(opt) -> tuple[int, int]:
     base = opt.optimizer if hasattr(opt, "optimizer") else opt
     state = sum(v.numel() * v.element_size() for s in base.state.values()
                 for v in s.values() if torch.is_tensor(v) and v.dim() > 0)  # fmt: skip
-    capture = base.local_grad_nbytes() if hasattr(base, "local_grad_nbytes") else 0
+    capture = base.local_grad_nbytes(at_step=True) if hasattr(base, "local_grad_nbytes") else 0
     return state, capture
 
 

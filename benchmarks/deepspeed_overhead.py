@@ -59,7 +59,8 @@ def extra_bytes(adapter) -> int:
     tensors = [opt.anchor(p) for p in opt.managed_params() if opt.core.is_displaced(p)]
     tensors += [v for p in opt.managed_params() for v in adapter.local_state(p).values()
                 if torch.is_tensor(v)]  # fmt: skip
-    return sum(t.numel() * t.element_size() for t in tensors) + opt.local_grad_nbytes()
+    # the captured gradient as held at the step (on CUDA it is released between steps)
+    return sum(t.numel() * t.element_size() for t in tensors) + opt.local_grad_nbytes(True)
 
 
 def worker(args) -> None:

@@ -8,6 +8,13 @@ after ``optimizer.zero_grad()``, and when the hook finds ``p.grad`` cleared (``m
 as the HF Trainer does, or after a step skipped for fp16 overflow). The capture switches itself on at the
 first backward when a process group of more than one rank exists; with one process it
 removes its hooks and gᵏ is ``.grad``.
+
+Transient buffers: where the capture is transient (by default for parameters on a CUDA device,
+whose caching allocator serves the per-step allocation; persistent on a CPU, where large
+allocations come back from ``mmap`` with page faults), a buffer is allocated by the first hook
+of an accumulation and released when the accumulation is over (after the step that used it, at
+``zero_grad`` or ``reset_local_grads``), never between micro-steps. Same values; the memory held
+between steps and during the forward drops by one gradient-sized buffer.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ class CaptureMode:
       update feeds it zeros (DeepSpeed's flat partitions); else None (torch skips it).
     - ``always``: capture even with one process (a backend that leaves no gradient in ``.grad``).
     - ``off``: never capture (the backend computes each worker's gradient itself: simulator).
+    - ``transient``: release the buffers once a step has used them and allocate them again at
+      the next backward; None (auto): transient for parameters on a CUDA device, persistent
+      elsewhere (a CPU pays page faults for every large allocation).
     """
 
     dtype: torch.dtype | None = None
@@ -38,6 +48,13 @@ class CaptureMode:
     missing_is_zero: bool = False
     always: bool = False
     off: bool = False
+    transient: bool | None = None
+
+    def transient_on(self, device: torch.device) -> bool:
+        """Whether a buffer on ``device`` is released between steps."""
+        if self.transient is not None:
+            return self.transient
+        return device.type == "cuda"
 
 
 class LocalGradCapture:
@@ -50,6 +67,7 @@ class LocalGradCapture:
         self._all: list[Tensor] = []
         self._known: set[Tensor] = set()
         self._handles = []
+        self._peak = 0  # the most bytes held at once (at a step, before a transient release)
         self.add(params)
 
     def add(self, params) -> None:
@@ -124,8 +142,13 @@ class LocalGradCapture:
         return buf
 
     def reset(self) -> None:
-        """Start a new accumulation (called by ``optimizer.zero_grad`` and after a step)."""
+        """Start a new accumulation (called by ``optimizer.zero_grad`` and after a step);
+        transient buffers are released (the next backward allocates them again)."""
         self._fresh.clear()
+        if self.buffers:
+            self._peak = max(self._peak, self.nbytes())
+            transient = self.mode.transient_on
+            self.buffers = {p: b for p, b in self.buffers.items() if not transient(b.device)}
         self._hook_unfrozen()
 
     def remove(self) -> None:
@@ -134,5 +157,9 @@ class LocalGradCapture:
         self._handles = []
         self._hooked.clear()
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+    def nbytes(self, at_step: bool = False) -> int:
+        """Bytes of captured gradients held now (between steps: the persistent buffers only);
+        ``at_step``: the most held at once so far, i.e. at a step, before transient buffers
+        are released."""
+        now = sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return max(now, self._peak) if at_step else now

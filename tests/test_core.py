@@ -256,6 +256,67 @@ def test_defect10_a_parameter_unfrozen_later_gets_its_own_local_gradient():
     assert torch.equal(local, last.grad) and local is not last.grad  # captured
 
 
+# ------------------------------------------------------- transient capture buffers (issue 15)
+def _capture_run(transient, opt_cls, kw, *, micro=1, overflow_at=None, steps=4):
+    """Train with gᵏ captured as under DDP; per step the weights, anchors and the capture's
+    bytes: between micro-steps, at the step and after it."""
+    model = _model()
+    opt = opt_cls(model.parameters(), **kw)
+    opt.bind(capture=CaptureMode(always=True, transient=transient))
+    scaler = None
+    if overflow_at is not None:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        opt.set_grad_scaler(scaler)
+    g = torch.Generator().manual_seed(0)
+    trace, held = [], []
+    for t in range(steps):
+        between = []
+        for m in range(micro):
+            loss = model(torch.randn(8, 6, generator=g)).square().mean() / micro
+            if overflow_at == t and m == micro - 1:
+                loss = loss * float("inf")
+            (scaler.scale(loss) if scaler else loss).backward()
+            between.append(opt.local_grad_nbytes())
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        after_step = opt.local_grad_nbytes()
+        opt.zero_grad()
+        held.append((between, after_step, opt.local_grad_nbytes(), opt.local_grad_nbytes(True)))
+        trace.append([v.clone() for p in model.parameters() for v in (p.detach(), opt.anchor(p))])
+    return trace, held
+
+
+@pytest.mark.parametrize("opt_cls, kw, micro, overflow_at", [
+    (ExtrapSGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}, 1, None),
+    (ExtrapSGD, {"lr": 0.1, "momentum": 0.9, "extrap_max_norm": 0.05}, 2, None),  # accumulate
+    (ExtrapSGD, {"lr": 0.1, "extrapolation": "stochastic"}, 1, None),
+    (ExtrapAdam, {"lr": 1e-2, "weight_decay": 1e-2, "extrap_max_norm": 0.05}, 1, None),
+    (ExtrapSGD, {"lr": 0.1, "momentum": 0.9}, 1, 1),  # fp16 GradScaler, step 1 overflows
+], ids=["sgd", "sgd-accumulate2-clip", "stochastic", "adam-clip", "fp16-overflow"])
+def test_transient_capture_is_bit_identical_and_released_after_each_step(opt_cls, kw, micro,
+                                                                         overflow_at):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (stochastic with K = 1)
+        kept, kept_bytes = _capture_run(False, opt_cls, kw, micro=micro, overflow_at=overflow_at)
+        freed, freed_bytes = _capture_run(True, opt_cls, kw, micro=micro, overflow_at=overflow_at)
+    for t, (a, b) in enumerate(zip(kept, freed)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), t
+    if overflow_at is not None:  # the skipped step changed nothing, in both modes
+        assert all(torch.equal(x, y) for x, y in zip(kept[overflow_at - 1], kept[overflow_at]))
+    size = sum(p.numel() * 4 for p in _model().parameters())  # one fp32 gᵏ per parameter
+    for (between, after, _, _), (between_t, after_t, zeroed_t, at_step_t) in zip(kept_bytes,
+                                                                                freed_bytes):
+        assert between == between_t == [size] * micro  # held through the micro-steps
+        assert after == size and at_step_t == size
+        assert zeroed_t == 0  # released by zero_grad (after a skipped step: nothing else ran)
+        if after_t:  # only a skipped step leaves them to zero_grad
+            assert overflow_at is not None
+    assert sum(1 for h in freed_bytes if h[1] == 0) == 4 - (overflow_at is not None)
+
+
 # ----------------------------------------------------------------- per-rank checkpoint files
 def test_checkpoint_files_one_name_legacy_names_and_damage(tmp_path):
     model = _model()

@@ -197,6 +197,23 @@ def test_fp16_overflow_step_changes_nothing(fp16):
         assert r["scale_after"] == 2.0**9  # GradScaler backed off once
 
 
+@pytest.mark.parametrize("config", ["ga", "fp16"])
+def test_transient_capture_is_bit_identical_and_released_between_steps(config, request):
+    """The capture's buffers forced transient (released after each step, as on CUDA): the
+    same trajectory bit for bit as the persistent default on CPU, through 2 accumulated
+    micro-steps (ga) and an fp16 overflow skip; the buffers are held at the step only."""
+    for r in request.getfixturevalue(config):
+        kept, freed = r["extrap"], r["transient_extrap"]
+        assert freed["skipped"] == kept["skipped"]
+        assert freed["anchor_trace"] == kept["anchor_trace"]
+        assert freed["point_trace"] == kept["point_trace"]
+        size = kept["capture_bytes_between_steps"][0]
+        assert size == 4 * (6 * 16 + 16 + 16 * 3 + 3)  # one fp32 gᵏ per parameter
+        assert set(kept["capture_bytes_between_steps"]) == {size}
+        assert set(freed["capture_bytes_between_steps"]) == {0}
+        assert set(freed["capture_bytes_before_step"]) == {size}  # every micro-step: held
+
+
 def test_fp16_without_prepare_fails_loudly(fp16):
     for r in fp16:
         assert "extrap_accel.prepare" in r["unknown_scaler_error"]

@@ -399,9 +399,12 @@ class ExtrapOptimizer(Optimizer):
         """True once a backward ran under a process group of more than one rank."""
         return bool(self._capture.active)
 
-    def local_grad_nbytes(self) -> int:
-        """Bytes held by the captured local gradients on this rank."""
-        return self._capture.nbytes()
+    def local_grad_nbytes(self, at_step: bool = False) -> int:
+        """Bytes of captured local gradients this rank holds now. Between steps that is 0
+        where the capture is transient (parameters on a CUDA device: ``CaptureMode``);
+        ``at_step=True``: the most it held at once, i.e. at a step (one buffer per captured
+        parameter, in the gradient's dtype)."""
+        return self._capture.nbytes(at_step)
 
     def local_state_dict(self) -> dict[str, Any]:
         """This rank's own state: its x̃, its local moments and its noise generators.

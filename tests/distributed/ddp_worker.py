@@ -24,6 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import extrap_accel  # noqa: E402
+from extrap_accel.capture import CaptureMode  # noqa: E402
 from extrap_accel.diagnostics import count_collectives  # noqa: E402
 from reference import ReferenceExtrapSGD  # noqa: E402
 
@@ -69,8 +70,9 @@ def true_local_grads(model, accelerator, x, y, micro_steps):
 
 
 def run_extrap_checks(accelerator, results, *, steps=5, micro_steps=1, scaler=None,
-                      overflow_at=None, prefix="", variant_kwargs=None):
-    """Train ExtrapSGD through extrap_accel.prepare and compare with the K-worker oracle."""
+                      overflow_at=None, prefix="", variant_kwargs=None, transient=None):
+    """Train ExtrapSGD through extrap_accel.prepare and compare with the K-worker oracle.
+    ``transient``: force the capture's buffers transient (True) or persistent (False)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     model = make_model()
     kwargs = dict(lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD)
@@ -78,6 +80,8 @@ def run_extrap_checks(accelerator, results, *, steps=5, micro_steps=1, scaler=No
     optimizer = extrap_accel.ExtrapSGD(model.parameters(), **kwargs)
     model, optimizer = extrap_accel.prepare(accelerator, model, optimizer)
     base = optimizer.optimizer
+    if transient is not None:
+        base.bind(capture=CaptureMode(transient=transient))
     params = params_of(model)
     ref = ReferenceExtrapSGD([p.detach().double() for p in params], lr=LR, momentum=MOMENTUM,
                              nesterov=True, weight_decay=WD, world_size=world)
@@ -97,8 +101,10 @@ def run_extrap_checks(accelerator, results, *, steps=5, micro_steps=1, scaler=No
                     gk = [base.local_grad(p).clone() / scale for p in params]
                     grads = [p.grad.clone() / scale for p in params]
                     state_before = [(p.detach().clone(), base.anchor(p).clone()) for p in params]
+                r.setdefault("capture_bytes_before_step", []).append(base.local_grad_nbytes())
                 optimizer.step()
                 optimizer.zero_grad()
+        r.setdefault("capture_bytes_between_steps", []).append(base.local_grad_nbytes())
         skipped = bool(optimizer.step_was_skipped)
         r["skipped"].append(skipped)
         if skipped:
@@ -544,12 +550,17 @@ def main() -> None:
         check_memory(accelerator, results)
     elif args.config == "ga":
         run_extrap_checks(accelerator, results, micro_steps=2)
+        run_extrap_checks(accelerator, results, micro_steps=2, transient=True,
+                          prefix="transient_")
     elif args.config == "bf16":
         run_extrap_checks(accelerator, results)
     elif args.config == "fp16":
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         run_extrap_checks(accelerator, results, scaler=accelerator.scaler, overflow_at=2,
                           steps=6)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        run_extrap_checks(accelerator, results, scaler=accelerator.scaler, overflow_at=2,
+                          steps=6, transient=True, prefix="transient_")
         results["scale_after"] = accelerator.scaler.get_scale()
         # Without extrap_accel.prepare the optimizer cannot know the scale: it must refuse.
         model = make_model()
