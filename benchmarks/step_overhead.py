@@ -94,19 +94,23 @@ _clock = time.perf_counter
 
 
 # ----------------------------------------------------------------------------- optimizer pairs
-def pairs():
-    """(name, build ours(params, foreach), build baseline(params))."""
+def pairs(compile_direction: bool = False):
+    """(name, build ours(params, foreach), build baseline(params)); with ``compile_direction``
+    the SGD pairs only, ours with ExtrapSGD(compile_direction=True)."""
     out = []
     for wd in (5e-4, 0.0):
         out.append((
             f"SGD nesterov wd={wd:g}",
             lambda ps, fe, wd=wd: ExtrapSGD(
-                ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd, world_size=1, foreach=fe
+                ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd, world_size=1, foreach=fe,
+                compile_direction=compile_direction,
             ),
             lambda ps, wd=wd: torch.optim.SGD(
                 ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd, foreach=True
             ),
         ))  # fmt: skip
+    if compile_direction:
+        return out
     out.append((
         "AdamW wd=0.01",
         lambda ps, fe: ExtrapAdam(ps, lr=1e-3, weight_decay=0.01, world_size=1, foreach=fe),
@@ -160,6 +164,10 @@ def bench_pair(shapes, build_ours, build_base, repeats: int, warmup: int, seed: 
     n = sum(t.numel() for t in init)
     a = Runner(init, grads, build_ours)
     b = Runner(init, grads, build_base)
+    t0 = time.perf_counter()
+    a.step(timed=False)  # the first two steps of ours include any torch.compile
+    a.step(timed=False)
+    first_steps_s = time.perf_counter() - t0
     for _ in range(warmup):
         a.step(timed=False)
         b.step(timed=False)
@@ -180,6 +188,7 @@ def bench_pair(shapes, build_ours, build_base, repeats: int, warmup: int, seed: 
         extra_buffers=extra / (n * elem),
         n_params=n,
         n_tensors=len(shapes),
+        first_two_steps_s_ours=first_steps_s,
     )
     res["ratio"] = res["ms_ours"] / res["ms_base"]
     del a, b, init, grads
@@ -227,6 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="foreach=True only: the timed pairs, then the operator calls of one "
                          "step of each (torch.profiler), and the time per extra call")  # fmt: skip
+    ap.add_argument("--compile_direction", action="store_true",
+                    help="ours with ExtrapSGD(compile_direction=True), foreach=True, SGD pairs "
+                         "only; reports the first two steps' time (the compile)")  # fmt: skip
     args = ap.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -238,7 +250,7 @@ def main(argv=None) -> int:
     if args.profile:
         rows = []
         for wl in args.workloads.split(","):  # all timing first, then the counting
-            for name, build_ours, build_base in pairs():
+            for name, build_ours, build_base in pairs(args.compile_direction):
                 r = bench_pair(WORKLOADS[wl](), lambda ps, f=build_ours: f(ps, True), build_base,
                                repeats, warmup)  # fmt: skip
                 rows.append({**r, "workload": wl, "pair": name})
@@ -247,7 +259,9 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             shapes = WORKLOADS[r["workload"]]()
-            _, build_ours, build_base = next(p for p in pairs() if p[0] == r["pair"])
+            _, build_ours, build_base = next(
+                p for p in pairs(args.compile_direction) if p[0] == r["pair"]
+            )
             r["ours_ops"] = count_ops(shapes, lambda ps, f=build_ours: f(ps, True))
             r["torch_ops"] = count_ops(shapes, build_base)
             extra = r["ours_ops"]["aten_calls"] - r["torch_ops"]["aten_calls"]
@@ -282,8 +296,8 @@ def main(argv=None) -> int:
         shapes = WORKLOADS[wl]()
         n = sum(torch.Size(s).numel() for s in shapes)
         print(f"# {wl}: {n:,} parameters in {len(shapes)} tensors", flush=True)
-        for name, build_ours, build_base in pairs():
-            for foreach in (True, False):
+        for name, build_ours, build_base in pairs(args.compile_direction):
+            for foreach in (True,) if args.compile_direction else (True, False):
                 r = bench_pair(
                     shapes,
                     lambda ps, fe=foreach, f=build_ours: f(ps, fe),
@@ -295,7 +309,8 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(
                     f"#   {name:24s} foreach={foreach!s:5s} ours {r['ms_ours']:8.2f} ms  "
-                    f"base {r['ms_base']:8.2f} ms  ratio {r['ratio']:.2f}",
+                    f"base {r['ms_base']:8.2f} ms  ratio {r['ratio']:.2f}  "
+                    f"(ours' first two steps {r['first_two_steps_s_ours']:.2f} s)",
                     flush=True,
                 )
 
