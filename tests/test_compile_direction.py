@@ -126,3 +126,22 @@ def test_compile_direction_misuse_is_refused(monkeypatch):
         sgd.extrap_sgd(p, [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], [None], [None],
                        lr=0.1, extrap_lr=0.1, momentum=0.0, extrap_momentum=0.0,
                        weight_decay=0.0, nesterov=False, foreach=False, compile_direction=True)  # fmt: skip
+
+
+def test_more_param_groups_than_dynamos_recompile_limit():
+    """Nine groups of different shapes: each list compiles once, none hits recompile_limit (8)
+    (fullgraph=True would raise there); the result is the eager one's to rounding."""
+    limit = torch._dynamo.config.recompile_limit
+    init = [torch.randn(n + 2) for n in range(limit + 1)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    eager = [torch.nn.Parameter(t.clone()) for t in init]
+    kw = {"lr": 0.1, "momentum": 0.9, "world_size": 1}
+    opt = ExtrapSGD([{"params": [p]} for p in ours], compile_direction=True, **kw)
+    ref = ExtrapSGD([{"params": [p]} for p in eager], **kw)
+    for step in range(3):
+        for p, q in zip(ours, eager):
+            p.grad = q.grad = torch.full_like(p, 1.0 + step)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, eager):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

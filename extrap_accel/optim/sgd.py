@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import types
 from typing import Any, ClassVar
 
 import torch
@@ -498,7 +499,7 @@ def _direction_math(P, X, Gk, U, scalars, nesterov: bool) -> None:
         p.copy_(x - h * gamma)
 
 
-_COMPILED: dict[bool, Any] = {}
+_COMPILED: dict[tuple, Any] = {}
 _CPU_SCALARS = torch.zeros(5, dtype=torch.float64)
 
 
@@ -511,10 +512,15 @@ def _compiled_sgd_direction_(
     hyperparameters are a tensor, so schedules do not recompile. Within rounding of the eager
     direction (not bit for bit: the fused kernel rounds in its own order).
     """
-    fn = _COMPILED.get(nesterov)
+    # torch.compile caches per code object, at most recompile_limit (8) graphs, and fails
+    # beyond it (fullgraph): each list (told apart by its length and end shapes) gets its own
+    # copy of the code, hence its own cache (a functools.partial would share dynamo's wrapper).
+    key = (nesterov, U is None, len(X), X[0].shape, X[-1].shape, X[0].dtype, X[0].device)
+    fn = _COMPILED.get(key)
     if fn is None:
-        fn = _COMPILED[nesterov] = torch.compile(
-            functools.partial(_direction_math, nesterov=nesterov),
+        body = types.FunctionType(_direction_math.__code__.replace(), _direction_math.__globals__)
+        fn = _COMPILED[key] = torch.compile(
+            body,
             dynamic=False,
             fullgraph=True,
             options={"size_asserts": False, "alignment_asserts": False},  # dynamo guards them
@@ -525,7 +531,7 @@ def _compiled_sgd_direction_(
         scalars.numpy()[:] = values
     else:
         scalars = torch.tensor(values, dtype=torch.float64, device=X[0].device)
-    fn(P, X, Gk, U or [], scalars)
+    fn(P, X, Gk, U or [], scalars, nesterov)
 
 
 def _dynamo_supported() -> bool:
