@@ -4,6 +4,9 @@ not the graph), I1 still bit for bit, the default path untouched, misuse refused
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch._dynamo
@@ -145,3 +148,15 @@ def test_more_param_groups_than_dynamos_recompile_limit():
         ref.step()
     for p, q in zip(ours, eager):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_copies_and_load_state_dict_keep_compile_direction():
+    p = [torch.nn.Parameter(torch.randn(4))]
+    opt = ExtrapSGD(p, lr=0.1, momentum=0.9, world_size=1, compile_direction=True)
+    p[0].grad = torch.ones(4)
+    opt.step()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other._compile_direction is True
+    fresh = ExtrapSGD([torch.nn.Parameter(torch.randn(4))], lr=0.1, momentum=0.9, world_size=1)
+    opt.load_state_dict(fresh.state_dict())
+    assert opt._compile_direction is True

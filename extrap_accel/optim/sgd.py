@@ -130,6 +130,16 @@ class ExtrapSGD(ExtrapOptimizer):
         )
         super().__init__(params, defaults, seed=seed, world_size=world_size)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["compile_direction"] = self._compile_direction
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "compile_direction" in state:  # a copy; not torch's load_state_dict, which keeps it
+            self._compile_direction = state.pop("compile_direction")
+        super().__setstate__(state)
+
     def _check_group(self, group: dict[str, Any]) -> None:
         momentum, extrap_momentum = group["momentum"], group["extrap_momentum"]
         if not momentum >= 0:
@@ -186,7 +196,7 @@ class ExtrapSGD(ExtrapOptimizer):
             local_coef=local_coef,
             direction=variant == "past",
             foreach=group["foreach"],
-            compile_direction=self._compile_direction,
+            compile_direction=getattr(self, "_compile_direction", False),
         )
         for p, buf, extrap_buf in zip(params, bufs, extrap_bufs):
             if buf is not None:
