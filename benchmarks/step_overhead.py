@@ -221,6 +221,30 @@ def count_ops(shapes, build, seed: int = 0) -> dict:
     return {"foreach_calls": foreach, "aten_calls": sum(calls.values()), "calls": calls}
 
 
+def ab_rounds(args, repeats: int, warmup: int) -> int:
+    """Eager vs compiled direction: rounds of (eager SGD pairs, compiled SGD pairs)."""
+    print(f"# PSI before: {cpu_pressure()}")
+    ratios: dict[tuple, list[float]] = {}
+    for wl in args.workloads.split(","):
+        for rnd in range(args.ab_rounds):
+            for compiled in (False, True):
+                for name, build_ours, build_base in pairs(compiled)[:2]:
+                    r = bench_pair(WORKLOADS[wl](), lambda ps, f=build_ours: f(ps, True),
+                                   build_base, repeats, warmup)  # fmt: skip
+                    ratios.setdefault((wl, name, compiled), []).append(r["ratio"])
+                    print(f"# round {rnd} {wl} {name} compile_direction={compiled}: ratio "
+                          f"{r['ratio']:.3f} (ours {r['ms_ours']:.3f} ms, torch "
+                          f"{r['ms_base']:.3f} ms, ours' first two steps "
+                          f"{r['first_two_steps_s_ours']:.2f} s)", flush=True)  # fmt: skip
+    print(f"# PSI after: {cpu_pressure()}")
+    print("| workload | pair | compile_direction | median ratio (range) |")
+    print("|---|---|---|---|")
+    for (wl, name, compiled), rs in ratios.items():
+        print(f"| {wl} | {name} | {compiled} | {statistics.median(rs):.2f} "
+              f"({min(rs):.2f}–{max(rs):.2f}) |")  # fmt: skip
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=30, help="timed steps per optimizer (>= 20)")
@@ -239,6 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile_direction", action="store_true",
                     help="ours with ExtrapSGD(compile_direction=True), foreach=True, SGD pairs "
                          "only; reports the first two steps' time (the compile)")  # fmt: skip
+    ap.add_argument("--ab_rounds", type=int, default=0, metavar="N",
+                    help="with --compile_direction: N rounds of (eager pair, compiled pair), "
+                         "interleaved; prints the median ratio and range of each")  # fmt: skip
     args = ap.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -247,6 +274,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     global _clock
     _clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    if args.compile_direction and args.ab_rounds:
+        return ab_rounds(args, repeats, warmup)
     if args.profile:
         rows = []
         for wl in args.workloads.split(","):  # all timing first, then the counting

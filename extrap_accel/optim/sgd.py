@@ -56,7 +56,7 @@ class ExtrapSGD(ExtrapOptimizer):
 
     ``compile_direction=True`` (keyword-only, for the whole optimizer; default False) computes
     the local direction of the foreach path in one ``torch.compile``d pass (inductor) that reads
-    gᵏ, x, ũ and writes ũ and x̃, instead of several foreach operations: about 1.4× torch's
+    gᵏ, x, ũ and writes ũ and x̃, instead of several foreach operations: about 1.5× torch's
     foreach SGD step instead of 1.8× on ResNet-20's 59 small tensors (docs/benchmarks.md). The
     base update stays torch's operations (I1 is bit for bit); the direction agrees with the eager
     one to rounding (~1e-7), not bit for bit. The first step that uses it compiles (seconds),
