@@ -94,19 +94,23 @@ _clock = time.perf_counter
 
 
 # ----------------------------------------------------------------------------- optimizer pairs
-def pairs():
-    """(name, build ours(params, foreach), build baseline(params))."""
+def pairs(compile_direction: bool = False):
+    """(name, build ours(params, foreach), build baseline(params)); with ``compile_direction``
+    the SGD pairs only, ours with ExtrapSGD(compile_direction=True)."""
     out = []
     for wd in (5e-4, 0.0):
         out.append((
             f"SGD nesterov wd={wd:g}",
             lambda ps, fe, wd=wd: ExtrapSGD(
-                ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd, world_size=1, foreach=fe
+                ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd, world_size=1, foreach=fe,
+                compile_direction=compile_direction,
             ),
             lambda ps, wd=wd: torch.optim.SGD(
                 ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=wd, foreach=True
             ),
         ))  # fmt: skip
+    if compile_direction:
+        return out
     out.append((
         "AdamW wd=0.01",
         lambda ps, fe: ExtrapAdam(ps, lr=1e-3, weight_decay=0.01, world_size=1, foreach=fe),
@@ -160,6 +164,10 @@ def bench_pair(shapes, build_ours, build_base, repeats: int, warmup: int, seed: 
     n = sum(t.numel() for t in init)
     a = Runner(init, grads, build_ours)
     b = Runner(init, grads, build_base)
+    t0 = time.perf_counter()
+    a.step(timed=False)  # the first two steps of ours include any torch.compile
+    a.step(timed=False)
+    first_steps_s = time.perf_counter() - t0
     for _ in range(warmup):
         a.step(timed=False)
         b.step(timed=False)
@@ -180,6 +188,7 @@ def bench_pair(shapes, build_ours, build_base, repeats: int, warmup: int, seed: 
         extra_buffers=extra / (n * elem),
         n_params=n,
         n_tensors=len(shapes),
+        first_two_steps_s_ours=first_steps_s,
     )
     res["ratio"] = res["ms_ours"] / res["ms_base"]
     del a, b, init, grads
@@ -212,6 +221,30 @@ def count_ops(shapes, build, seed: int = 0) -> dict:
     return {"foreach_calls": foreach, "aten_calls": sum(calls.values()), "calls": calls}
 
 
+def ab_rounds(args, repeats: int, warmup: int) -> int:
+    """Eager vs compiled direction: rounds of (eager SGD pairs, compiled SGD pairs)."""
+    print(f"# PSI before: {cpu_pressure()}")
+    ratios: dict[tuple, list[float]] = {}
+    for wl in args.workloads.split(","):
+        for rnd in range(args.ab_rounds):
+            for compiled in (False, True):
+                for name, build_ours, build_base in pairs(compiled)[:2]:
+                    r = bench_pair(WORKLOADS[wl](), lambda ps, f=build_ours: f(ps, True),
+                                   build_base, repeats, warmup)  # fmt: skip
+                    ratios.setdefault((wl, name, compiled), []).append(r["ratio"])
+                    print(f"# round {rnd} {wl} {name} compile_direction={compiled}: ratio "
+                          f"{r['ratio']:.3f} (ours {r['ms_ours']:.3f} ms, torch "
+                          f"{r['ms_base']:.3f} ms, ours' first two steps "
+                          f"{r['first_two_steps_s_ours']:.2f} s)", flush=True)  # fmt: skip
+    print(f"# PSI after: {cpu_pressure()}")
+    print("| workload | pair | compile_direction | median ratio (range) |")
+    print("|---|---|---|---|")
+    for (wl, name, compiled), rs in ratios.items():
+        print(f"| {wl} | {name} | {compiled} | {statistics.median(rs):.2f} "
+              f"({min(rs):.2f}–{max(rs):.2f}) |")  # fmt: skip
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=30, help="timed steps per optimizer (>= 20)")
@@ -227,6 +260,12 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="foreach=True only: the timed pairs, then the operator calls of one "
                          "step of each (torch.profiler), and the time per extra call")  # fmt: skip
+    ap.add_argument("--compile_direction", action="store_true",
+                    help="ours with ExtrapSGD(compile_direction=True), foreach=True, SGD pairs "
+                         "only; reports the first two steps' time (the compile)")  # fmt: skip
+    ap.add_argument("--ab_rounds", type=int, default=0, metavar="N",
+                    help="with --compile_direction: N rounds of (eager pair, compiled pair), "
+                         "interleaved; prints the median ratio and range of each")  # fmt: skip
     args = ap.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -235,10 +274,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     global _clock
     _clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    if args.compile_direction and args.ab_rounds:
+        return ab_rounds(args, repeats, warmup)
     if args.profile:
         rows = []
         for wl in args.workloads.split(","):  # all timing first, then the counting
-            for name, build_ours, build_base in pairs():
+            for name, build_ours, build_base in pairs(args.compile_direction):
                 r = bench_pair(WORKLOADS[wl](), lambda ps, f=build_ours: f(ps, True), build_base,
                                repeats, warmup)  # fmt: skip
                 rows.append({**r, "workload": wl, "pair": name})
@@ -247,7 +288,9 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             shapes = WORKLOADS[r["workload"]]()
-            _, build_ours, build_base = next(p for p in pairs() if p[0] == r["pair"])
+            _, build_ours, build_base = next(
+                p for p in pairs(args.compile_direction) if p[0] == r["pair"]
+            )
             r["ours_ops"] = count_ops(shapes, lambda ps, f=build_ours: f(ps, True))
             r["torch_ops"] = count_ops(shapes, build_base)
             extra = r["ours_ops"]["aten_calls"] - r["torch_ops"]["aten_calls"]
@@ -282,8 +325,8 @@ def main(argv=None) -> int:
         shapes = WORKLOADS[wl]()
         n = sum(torch.Size(s).numel() for s in shapes)
         print(f"# {wl}: {n:,} parameters in {len(shapes)} tensors", flush=True)
-        for name, build_ours, build_base in pairs():
-            for foreach in (True, False):
+        for name, build_ours, build_base in pairs(args.compile_direction):
+            for foreach in (True,) if args.compile_direction else (True, False):
                 r = bench_pair(
                     shapes,
                     lambda ps, fe=foreach, f=build_ours: f(ps, fe),
@@ -295,7 +338,8 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(
                     f"#   {name:24s} foreach={foreach!s:5s} ours {r['ms_ours']:8.2f} ms  "
-                    f"base {r['ms_base']:8.2f} ms  ratio {r['ratio']:.2f}",
+                    f"base {r['ms_base']:8.2f} ms  ratio {r['ratio']:.2f}  "
+                    f"(ours' first two steps {r['first_two_steps_s_ours']:.2f} s)",
                     flush=True,
                 )
 

@@ -769,7 +769,7 @@ _EXTRAP_GROUP_KEYS = frozenset({
     "extrap_scale", "extrap_lr", "extrap_momentum", "extrap_max_norm", "extrapolation",
     "noise_scale", "filterwise",
 })  # fmt: skip
-_OPTIMIZER_WIDE_KEYS = frozenset({"seed", "world_size"})
+_OPTIMIZER_WIDE_KEYS = frozenset({"seed", "world_size", "compile_direction"})
 _TORCH_OPTION_KEYS = frozenset({
     "momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "maximize", "foreach",
     "capturable", "differentiable", "fused", "decoupled_weight_decay",
