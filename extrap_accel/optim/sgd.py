@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 import types
 from typing import Any, ClassVar
 
@@ -510,7 +511,7 @@ def _direction_math(P, X, Gk, U, scalars, nesterov: bool) -> None:
 
 
 _COMPILED: dict[tuple, Any] = {}
-_CPU_SCALARS = torch.zeros(5, dtype=torch.float64)
+_THREAD = threading.local()  # each thread's CPU scalars tensor (optimizers stepped in threads)
 
 
 def _compiled_sgd_direction_(
@@ -536,8 +537,10 @@ def _compiled_sgd_direction_(
             options={"size_asserts": False, "alignment_asserts": False},  # dynamo guards them
         )
     values = (coef, float(weight_decay), momentum, 1.0 - dampening, extrap_lr)
-    if X[0].is_cpu:  # one CPU tensor rewritten in place: the kernel reads it before returning
-        scalars = _CPU_SCALARS
+    if X[0].is_cpu:  # one CPU tensor per thread, rewritten in place: read before returning
+        scalars = getattr(_THREAD, "scalars", None)
+        if scalars is None:
+            scalars = _THREAD.scalars = torch.zeros(5, dtype=torch.float64)
         scalars.numpy()[:] = values
     else:
         scalars = torch.tensor(values, dtype=torch.float64, device=X[0].device)
