@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..optim.registry import get_optimizer_info, list_optimizers
+from ..optim.registry import get_optimizer_info, list_optimizers, optimizer_cls_and_kwargs
 
 # The class names a DeepSpeed config may use besides the registry names.
 ALIASES = {"ExtrapSGD": "extrap_sgd", "ExtrapAdam": "extrap_adam"}
@@ -118,15 +118,11 @@ def trainer_optimizer(name: str, **kwargs: Any) -> tuple[type[torch.optim.Optimi
             f"trainer_optimizer({name!r}, lr=...): give lr; the Trainer does not pass "
             "TrainingArguments.learning_rate to optimizer_cls_and_kwargs"
         )
-    info = get_optimizer_info(ours)
-    missing = [k for k in info.required if kwargs.get(k) is None]
-    if missing:
-        raise ValueError(
-            f"trainer_optimizer({name!r}) needs {', '.join(missing)}: {info.description}"
-        )
-    merged = {**info.defaults, **kwargs}
-    info.cls([torch.zeros(1, requires_grad=True)], **merged)  # bad kwargs fail here
-    return info.cls, merged
+    cls, merged = optimizer_cls_and_kwargs(
+        ours, kwargs, example=f"trainer_optimizer({name!r}, lr=..., {{arg}}=...)"
+    )
+    cls([torch.zeros(1, requires_grad=True)], **merged)  # bad kwargs fail here
+    return cls, merged
 
 
 __all__ = ["known_types", "names_ours", "registry_name", "resolve", "trainer_optimizer"]

@@ -112,7 +112,7 @@ from transformers import Trainer, TrainerCallback
 from .. import checkpoint
 from ..handle import AttachHandle, attach_module, unwrap_optimizer
 from ..optim.base import ExtrapOptimizer
-from ..optim.registry import check_deepspeed_variant, get_optimizer_info, variant_info
+from ..optim.registry import check_deepspeed_variant, optimizer_cls_and_kwargs, variant_info
 from .optimizer_spec import check_type, names_ours, registry_name, resolve
 
 __all__ = ["ExtrapTrainer", "ExtrapTrainerCallback", "ExtrapTrainerMixin", "attach_trainer"]
@@ -454,8 +454,9 @@ def _adopt_config_optimizer(trainer) -> None:
     filled = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
               "eps": args.adam_epsilon, "weight_decay": args.weight_decay}  # fmt: skip
     name, kwargs = resolve(spec, "trainer", filled)
-    info = get_optimizer_info(name)
-    trainer.optimizer_cls_and_kwargs = (info.cls, {**info.defaults, **kwargs})
+    trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(
+        name, kwargs, example='"optimizer": {{"params": {{"{arg}": ...}}}} in the DeepSpeed config'
+    )
     hf_config = getattr(args, "hf_deepspeed_config", None)
     for live in (config, getattr(hf_config, "config", None)):  # (usually one dict)
         if isinstance(live, dict):

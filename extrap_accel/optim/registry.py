@@ -117,16 +117,29 @@ def get_optimizer_info(name: str) -> OptimizerInfo:
         ) from None
 
 
-def create_optimizer(name: str, params, **kwargs: Any) -> torch.optim.Optimizer:
-    """Build the registered optimizer ``name`` over ``params``; ``kwargs`` override its defaults."""
+_CREATE_EXAMPLE = "create_optimizer({name!r}, params, {arg}=...)"
+
+
+def optimizer_cls_and_kwargs(
+    name: str, kwargs: dict[str, Any], example: str = _CREATE_EXAMPLE
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The class of the registered optimizer ``name`` and its constructor kwargs: its bound
+    defaults overridden by ``kwargs``. A required argument that is missing is refused, with
+    ``example`` (formatted with ``name`` and the argument ``arg``) as the call that gives it."""
     info = get_optimizer_info(name)
     missing = [k for k in info.required if kwargs.get(k) is None]
     if missing:
+        call = example.format(name=name, arg=missing[0])
         raise ValueError(
-            f"optimizer {name!r} needs {', '.join(missing)} "
-            f"(e.g. create_optimizer({name!r}, params, {missing[0]}=...)); {info.description}"
+            f"optimizer {name!r} needs {', '.join(missing)} (e.g. {call}); {info.description}"
         )
-    return info.cls(params, **{**info.defaults, **kwargs})
+    return info.cls, {**info.defaults, **kwargs}
+
+
+def create_optimizer(name: str, params, **kwargs: Any) -> torch.optim.Optimizer:
+    """Build the registered optimizer ``name`` over ``params``; ``kwargs`` override its defaults."""
+    cls, kwargs = optimizer_cls_and_kwargs(name, kwargs)
+    return cls(params, **kwargs)
 
 
 _NOISE = "noise_scale: σ (gaussian) or half-width (uniform) per coordinate"
