@@ -253,6 +253,8 @@ _REFUSED_GROUP_KEYS = [
     (ExtrapAdam, {"fused": True}, r"fused=True is not supported by ExtrapAdam"),
     (ExtrapAdam, {"extrap_momentum": 0.5}, r"unknown param-group key 'extrap_momentum'"),
     (ExtrapAdam, {"noise_scale": 0.1}, r"unknown param-group key 'noise_scale'"),
+    (ExtrapSGD, {"compile_direction": True}, r"compile_direction is an argument of the whole"),
+    (ExtrapAdam, {"compile_direction": True}, r"key 'compile_direction': ExtrapAdam does not"),
     (ExtrapAdam, {"decoupled_weight_decay": False}, r"ExtrapAdam is AdamW"),
     (ExtrapAdam, {"betas": (torch.tensor(0.9), torch.tensor(0.99))}, r"betas as floats"),
     (ExtrapAdam, {"betas": (1.0, 0.9)}, r"Invalid beta parameter at index 0: 1.0"),

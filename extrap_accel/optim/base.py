@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -145,7 +146,8 @@ class ExtrapOptimizer(Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate one param group's options (constructor defaults and add_param_group)."""
         check_param_group_options(group, supports=self._extrapolations, owner=type(self).__name__,
-                                  known=self.defaults if hasattr(self, "defaults") else group)  # fmt: skip
+                                  known=self.defaults if hasattr(self, "defaults") else group,
+                                  wide=inspect.signature(type(self).__init__).parameters)  # fmt: skip
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -792,22 +794,24 @@ def check_param_group_options(
     supports: tuple[str, ...] = EXTRAPOLATIONS,
     owner: str = "this optimizer",
     known: dict[str, Any] | None = None,
+    wide: Collection[str] = ("seed", "world_size"),
 ) -> None:
     """Validate the options shared by every optimizer here (constructor and add_param_group).
 
     Error types and messages follow torch.optim's where torch has the same check. ``known``:
-    the keys this optimizer takes (its defaults).
+    the keys this optimizer takes (its defaults); ``wide``: its constructor's arguments.
     """
     if known is not None:
         for key in group:
             if key in known or key in ("params", "param_names", "train_mode"):
                 continue
-            if key in _OPTIMIZER_WIDE_KEYS:
+            if key in _OPTIMIZER_WIDE_KEYS and key in wide:
                 raise ValueError(
                     f"{key} is an argument of the whole optimizer, not a param-group key: give "
                     f"{key}=... to {owner}(...)"
                 )
-            if key in _EXTRAP_GROUP_KEYS or key.startswith("extrap") or key in _TORCH_OPTION_KEYS:
+            if (key in _EXTRAP_GROUP_KEYS or key.startswith("extrap") or key in _TORCH_OPTION_KEYS
+                    or key in _OPTIMIZER_WIDE_KEYS):  # fmt: skip
                 raise ValueError(
                     f"unknown param-group key {key!r}: {owner} does not take it (its keys: "
                     f"{', '.join(k for k in known if k != 'train_mode')})"
